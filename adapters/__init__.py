@@ -1,0 +1,1 @@
+"""Everything about the adapter artefact: PEFT format, validation, store, registry."""

@@ -1,0 +1,1 @@
+"""The loraplex runtime: engine, batching, HTTP."""
