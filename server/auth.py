@@ -1,0 +1,57 @@
+"""Bearer-token auth: `api_key` guards inference and reads, `admin_token` guards adapter writes.
+
+Tokens are compared in constant time and never logged; an unset token leaves its routes open.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request
+from pydantic import SecretStr
+
+from server.errors import UnauthorizedError
+
+
+def _bearer(request: Request) -> bytes | None:
+    header = request.headers.get("authorization")
+    if header is None:
+        return None
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    # Starlette decodes header bytes as latin-1; encoding back gives the exact bytes the client sent.
+    return token.strip().encode("latin-1")
+
+
+def _matches(token: bytes, secret: SecretStr | None) -> bool:
+    return secret is not None and hmac.compare_digest(token, secret.get_secret_value().encode("utf-8"))
+
+
+def _check(request: Request, accepted: tuple[SecretStr | None, ...], what: str) -> None:
+    if all(secret is None for secret in accepted):
+        return
+    token = _bearer(request)
+    if token is None:
+        raise UnauthorizedError(f"{what} needs an 'Authorization: Bearer <token>' header.")
+    # Compare against every accepted secret so the time taken does not reveal which one matched.
+    if not any([_matches(token, secret) for secret in accepted]):
+        raise UnauthorizedError(f"The bearer token is not valid for {what}.")
+
+
+def require_api_key(request: Request) -> None:
+    """Inference and adapter reads: the API key or the admin token, when an API key is set."""
+    settings = request.app.state.settings
+    if settings.api_key is not None:
+        _check(request, (settings.api_key, settings.admin_token), "this route")
+
+
+def require_admin(request: Request) -> None:
+    """Adapter writes (PUT, DELETE): the admin token, when one is set."""
+    settings = request.app.state.settings
+    _check(request, (settings.admin_token,), "changing adapters")
+
+
+ApiKeyAuth = Annotated[None, Depends(require_api_key)]
+AdminAuth = Annotated[None, Depends(require_admin)]

@@ -1,0 +1,167 @@
+"""Server settings: one class, read from `--option-name` flags, `LORAPLEX_<OPTION>` variables and defaults.
+
+Precedence: command-line flag, then environment variable, then default. Every field is an option:
+`max_batch_tokens` is `--max-batch-tokens` and `LORAPLEX_MAX_BATCH_TOKENS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from argparse import SUPPRESS
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "LORAPLEX_"
+_DEVICE_RE = re.compile(r"^(cpu|cuda(:[0-9]+)?)$")
+_PRELOAD_RE = re.compile(r"^([^=]+)=(.+)$")
+_SECRETS = ("api_key", "admin_token")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on")
+    model: str | None = Field(None, description="base model directory (unset: the embedded all-MiniLM-L6-v2)")
+    device: str | None = Field(None, description="cpu, cuda or cuda:N (unset: cuda when available)")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="engine precision")
+    adapter_store: str = Field("./adapter-store", description="directory of the shared adapter store")
+    max_resident: int = Field(16, ge=1, description="engine slots: adapters resident for one forward pass")
+    max_host_cache: int = Field(256, ge=1, description="adapters kept parsed in host memory")
+    max_rank: int = Field(64, ge=1, le=1024, description="largest LoRA rank an adapter may have")
+    max_labels: int = Field(32, ge=1, description="largest number of labels an adapter head may have")
+    max_batch_tokens: int = Field(
+        16384, ge=1, description="token budget of one forward pass, counted as padded length x rows"
+    )
+    max_batch_size: int = Field(64, ge=1, description="most rows in one forward pass")
+    max_wait_ms: float = Field(
+        2.0, ge=0, le=10_000, description="how long an idle engine waits for a batch to fill"
+    )
+    max_queued: int = Field(1024, ge=1, description="inputs waiting for the engine; beyond it: 429")
+    max_client_batch: int = Field(32, ge=1, description="most inputs in one /classify request")
+    max_body_bytes: int = Field(2 * 1024 * 1024, ge=1, description="largest /classify request body")
+    max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1, description="largest adapter upload body")
+    request_timeout_s: float = Field(30.0, gt=0, description="a /classify request not done by then: 503")
+    staleness_s: float = Field(
+        2.0, ge=0, description="how stale this replica's view of the shared store may be"
+    )
+    drain_grace_s: float = Field(
+        30.0, ge=0, description="after SIGTERM, how long accepted requests may take before exit"
+    )
+    api_key: SecretStr | None = Field(None, description="bearer token for /classify and GET /adapters")
+    admin_token: SecretStr | None = Field(None, description="bearer token for PUT and DELETE /adapters")
+    preload: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="ID=DIR: import the PEFT adapter in DIR as ID at start (repeatable; env: comma list)",
+    )
+    metrics_max_adapters: int = Field(
+        64, ge=0, description="adapters with their own metrics label; the rest count under 'other'"
+    )
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="logging")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str | None) -> str | None:
+        if value in (None, "", "auto"):
+            return None
+        if not _DEVICE_RE.fullmatch(value):
+            raise ValueError(f"{value!r} is not a device; use cpu, cuda or cuda:N")
+        return value
+
+    @field_validator("api_key", "admin_token", mode="before")
+    @classmethod
+    def _empty_token_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_log_level(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("preload", mode="before")
+    @classmethod
+    def _split_preload(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("preload")
+    @classmethod
+    def _check_preload(cls, items: list[str]) -> list[str]:
+        for item in items:
+            match = _PRELOAD_RE.fullmatch(item)
+            if not match:
+                raise ValueError(f"{item!r} is not ID=DIR")
+            if not Path(match.group(2)).is_dir():
+                raise ValueError(f"{item!r}: {match.group(2)} is not a directory")
+        return items
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.max_client_batch > self.max_queued:
+            raise ValueError(
+                f"max_client_batch ({self.max_client_batch}) is larger than max_queued ({self.max_queued}), "
+                "so a full client batch could never be admitted"
+            )
+        return self
+
+    def preload_items(self) -> list[tuple[str, Path]]:
+        """`preload` as (adapter_id, directory) pairs."""
+        return [(m.group(1), Path(m.group(2))) for m in map(_PRELOAD_RE.fullmatch, self.preload) if m]
+
+    def body_limit(self, path: str) -> int:
+        """Largest request body accepted on `path`: uploads get their own, larger limit."""
+        return self.max_upload_bytes if path.startswith("/adapters") else self.max_body_bytes
+
+
+class SettingsError(Exception):
+    """A bad option value; the message names the option, its flag and its variable."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print usage and exit; we report and return 2
+        raise SettingsError(message)
+
+
+def option_flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser(prog: str = "loraplex serve") -> argparse.ArgumentParser:
+    parser = _Parser(prog=prog, description="Run the loraplex HTTP server.", argument_default=SUPPRESS)
+    for name, field in Settings.model_fields.items():
+        default = field.default if field.default_factory is None else field.default_factory()
+        shown = "unset" if default is None or name in _SECRETS else default
+        help_text = f"{field.description} (env {ENV_PREFIX}{name.upper()}; default: {shown})"
+        if name == "preload":
+            parser.add_argument(option_flag(name), action="append", metavar="ID=DIR", help=help_text)
+        else:
+            parser.add_argument(option_flag(name), metavar=name.upper(), help=help_text)
+    return parser
+
+
+def load_settings(argv: list[str]) -> Settings:
+    """Settings from flags in `argv`, then the environment, then defaults; raises SettingsError."""
+    args = vars(build_parser().parse_args(argv))
+    try:
+        return Settings(**args)
+    except ValidationError as exc:
+        raise SettingsError(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors(include_url=False):
+        loc = [str(part) for part in err["loc"] if not isinstance(part, int)]
+        message = err["msg"].removeprefix("Value error, ")
+        if loc and loc[0] in Settings.model_fields:
+            name = loc[0]
+            got = "" if name in _SECRETS else f" (got {err['input']!r})"
+            lines.append(f"{option_flag(name)} / {ENV_PREFIX}{name.upper()}: {message}{got}")
+        else:
+            lines.append(message)
+    return "invalid settings:\n  " + "\n  ".join(lines)
