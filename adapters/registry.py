@@ -1,0 +1,348 @@
+"""The registry: which version of each adapter is current, and where its weights are.
+
+Three tiers, fastest first:
+  device slots   engine slots 0..num_slots-1, LRU among the slots the running batch does not need
+  host cache     validated AdapterWeights in CPU memory, LRU up to `max_host_cache` adapters
+  store          the AdapterStore; read (and checked again) off the event loop on a host-cache miss
+
+Event-loop side: `get`, `put`, `delete`, `info`, `list`. Worker-thread side: `slots_for`, the only method
+that writes engine slots, called by the batcher's single worker between forward passes, so a slot is never
+written while a forward pass reads it.
+
+Consistency: a handle names one (adapter_id, version) and holds that version's weights, so a request keeps
+the version it resolved even if the adapter is replaced or deleted while it waits. After `put`/`delete`
+returns, `get` on this process sees the new state. Changes made by other processes sharing the store are
+seen within `staleness_s`: a current version known for longer than that is checked against the store's
+manifest before use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from adapters.errors import ConflictError, InvalidAdapterError, NotFoundError
+from adapters.peft import AdapterWeights
+from adapters.store import (
+    ADAPTER_ID_RE,
+    CONFIG_NAME,
+    MODEL_NAME,
+    AdapterRecord,
+    AdapterStore,
+    check_adapter_id,
+)
+from adapters.validate import load_stored, parse_labels, validate_upload
+
+log = logging.getLogger("loraplex.registry")
+
+Key = tuple[str, str]  # (adapter_id, version)
+LoadListener = Callable[[str, float], None]  # (tier: "slot" | "store", seconds)
+
+
+@dataclass(frozen=True, eq=False)
+class AdapterHandle:
+    """One version of one adapter, ready to run; immutable, compared by identity."""
+
+    adapter_id: str
+    version: str
+    labels: tuple[str, ...]
+    weights: AdapterWeights
+
+    @property
+    def key(self) -> Key:
+        return (self.adapter_id, self.version)
+
+
+@dataclass(frozen=True)
+class _Known:
+    record: AdapterRecord
+    checked_at: float  # time.monotonic() when the store last confirmed this record (or we wrote it)
+
+
+class Registry:
+    """Current versions, host cache and device slots of all adapters of one server process."""
+
+    def __init__(
+        self,
+        store: AdapterStore,
+        engine: Any,
+        *,
+        max_host_cache: int = 256,
+        staleness_s: float = 2.0,
+        max_rank: int | None = None,
+        max_labels: int | None = None,
+    ):
+        self.store = store
+        self.engine = engine
+        self.base = engine.base
+        self.num_slots: int = engine.num_slots
+        self.max_rank: int = max_rank if max_rank is not None else engine.max_rank
+        self.max_labels: int = max_labels if max_labels is not None else engine.max_labels
+        self.max_host_cache = max(1, max_host_cache)
+        self.staleness_s = staleness_s
+        # Event-loop state.
+        self._known: dict[str, _Known] = {}
+        self._host: OrderedDict[Key, AdapterHandle] = OrderedDict()
+        self._generation: dict[str, int] = {}  # bumped by put/delete so that older store reads are discarded
+        self._inflight: dict[Hashable, asyncio.Task] = {}
+        self._id_locks: dict[str, asyncio.Lock] = {}
+        # Slot state, shared between the worker thread and `is_resident`.
+        self._slot_lock = threading.Lock()
+        self._slots: list[Key | None] = [None] * self.num_slots
+        self._slot_of: dict[Key, int] = {}
+        self._lru: OrderedDict[Key, None] = OrderedDict()  # resident keys, least recently used first
+        self._retired: set[Key] = set()  # resident keys that were replaced or deleted: evicted first
+        # Counters for metrics.
+        self.hits = 0  # distinct adapters of a batch already in a slot
+        self.misses = 0  # ... that had to be written into a slot
+        self.evictions = 0  # slot writes that displaced another adapter
+        self.store_loads = 0  # host-cache misses read from the store
+        self.host_evictions = 0
+        self.load_listeners: list[LoadListener] = []
+
+    # --- event-loop side ---------------------------------------------------------------------------
+
+    async def get(self, adapter_id: str) -> AdapterHandle:
+        """The current version of `adapter_id`, weights in host memory; NotFoundError if there is none."""
+        if not isinstance(adapter_id, str) or not ADAPTER_ID_RE.fullmatch(adapter_id):
+            raise NotFoundError(f"There is no adapter named {adapter_id!r}.")
+        for _ in range(4):
+            known = self._known.get(adapter_id)
+            if known is None or time.monotonic() - known.checked_at >= self.staleness_s:
+                await self._once(("manifest", adapter_id), lambda: self._refresh(adapter_id))
+                known = self._known.get(adapter_id)
+                if known is None:
+                    raise NotFoundError(f"There is no adapter named {adapter_id!r}.")
+            handle = self._host.get((adapter_id, known.record.version))
+            if handle is not None:
+                self._host.move_to_end(handle.key)
+                return handle
+            try:
+                return await self._once(
+                    ("load", adapter_id, known.record.version), lambda rec=known.record: self._load(rec)
+                )
+            except NotFoundError:
+                # The version was replaced or deleted by another process since we read the manifest.
+                if self._known.get(adapter_id) is known:
+                    del self._known[adapter_id]
+        raise NotFoundError(f"Adapter {adapter_id!r} keeps changing in the store; retry.")
+
+    async def put(
+        self,
+        adapter_id: str,
+        config: bytes,
+        model: bytes,
+        labels: list[str] | None = None,
+        *,
+        model_filename: str | None = None,
+    ) -> tuple[AdapterRecord, bool]:
+        """Validate and store a new version, then make it current here. Returns (record, created)."""
+        check_adapter_id(adapter_id)
+        validated = await asyncio.to_thread(
+            validate_upload,
+            adapter_id,
+            config,
+            model,
+            labels,
+            self.base,
+            max_rank=self.max_rank,
+            max_labels=self.max_labels,
+            model_filename=model_filename,
+        )
+        async with self._id_lock(adapter_id):
+            record, created = await asyncio.to_thread(self.store.put, validated.record, validated.files)
+            self._bump(adapter_id)
+            previous = self._known.get(adapter_id)
+            self._known[adapter_id] = _Known(record, time.monotonic())
+            key = (adapter_id, record.version)
+            if key not in self._host:
+                self._remember(AdapterHandle(adapter_id, record.version, record.labels, validated.weights))
+            if previous is not None and previous.record.version != record.version:
+                self._retire(adapter_id, keep=record.version)
+        log.info("adapter %s %s version %s", adapter_id, "created" if created else "stored", record.version)
+        return record, created
+
+    async def delete(self, adapter_id: str) -> None:
+        """Remove `adapter_id` from the store; in-flight requests finish, new ones get NotFoundError."""
+        if not ADAPTER_ID_RE.fullmatch(adapter_id):
+            raise NotFoundError(f"There is no adapter named {adapter_id!r}.")
+        async with self._id_lock(adapter_id):
+            existed = await asyncio.to_thread(self.store.delete, adapter_id)
+            self._bump(adapter_id)
+            self._known.pop(adapter_id, None)
+            self._retire(adapter_id, keep=None)
+        if not existed:
+            raise NotFoundError(f"There is no adapter named {adapter_id!r}.")
+        log.info("adapter %s deleted", adapter_id)
+
+    async def info(self, adapter_id: str) -> AdapterRecord:
+        """The store's current record of `adapter_id` (never a cached one); NotFoundError if none."""
+        if not ADAPTER_ID_RE.fullmatch(adapter_id):
+            raise NotFoundError(f"There is no adapter named {adapter_id!r}.")
+        record = await asyncio.to_thread(self.store.get, adapter_id)
+        if record is None:
+            raise NotFoundError(f"There is no adapter named {adapter_id!r}.")
+        return record
+
+    async def list(self) -> list[AdapterRecord]:
+        return await asyncio.to_thread(self.store.list)
+
+    async def import_dir(self, adapter_id: str, path: str | Path) -> tuple[AdapterRecord, bool]:
+        """Put a PEFT adapter directory (adapter_config.json, adapter_model.safetensors, labels.json)."""
+        folder = Path(path)
+        missing = [n for n in (CONFIG_NAME, MODEL_NAME) if not (folder / n).is_file()]
+        if missing:
+            raise InvalidAdapterError(
+                f"{folder} has no {missing[0]}; point at a PEFT save_pretrained folder."
+            )
+        labels_path = folder / "labels.json"
+        labels = parse_labels(labels_path.read_bytes()) if labels_path.is_file() else None
+        return await self.put(
+            adapter_id, (folder / CONFIG_NAME).read_bytes(), (folder / MODEL_NAME).read_bytes(), labels
+        )
+
+    def is_resident(self, adapter_id: str, version: str) -> bool:
+        """Whether this version sits in a device slot right now."""
+        with self._slot_lock:
+            return (adapter_id, version) in self._slot_of
+
+    @property
+    def resident(self) -> int:
+        """Occupied device slots."""
+        with self._slot_lock:
+            return len(self._slot_of)
+
+    @property
+    def host_cached(self) -> int:
+        return len(self._host)
+
+    # --- worker-thread side ------------------------------------------------------------------------
+
+    def slots_for(self, handles: list[AdapterHandle]) -> list[int]:
+        """Make every distinct handle resident and return the slot of each; evicts LRU slots not needed here.
+
+        Runs on the engine's worker thread between forward passes. `handles` must name at most
+        `num_slots` distinct (adapter_id, version) pairs (the batcher splits larger batches).
+        """
+        distinct: dict[Key, AdapterHandle] = {}
+        for handle in handles:
+            distinct.setdefault(handle.key, handle)
+        if len(distinct) > self.num_slots:
+            raise ValueError(f"{len(distinct)} distinct adapters in one batch, only {self.num_slots} slots")
+        with self._slot_lock:
+            for key, handle in distinct.items():
+                if key in self._slot_of:
+                    self.hits += 1
+                    self._lru.move_to_end(key)
+                    continue
+                self.misses += 1
+                slot = self._victim(distinct)
+                started = time.perf_counter()
+                try:
+                    self.engine.load_slot(slot, handle.weights)
+                except BaseException:
+                    self._slots[slot] = None  # half-written: never hand it out
+                    raise
+                self._slots[slot] = key
+                self._slot_of[key] = slot
+                self._lru[key] = None
+                self._notify("slot", time.perf_counter() - started)
+            return [self._slot_of[handle.key] for handle in handles]
+
+    def _victim(self, needed: dict[Key, AdapterHandle]) -> int:
+        """A slot to write: an empty one, else a retired adapter's, else the least recently used one."""
+        for slot, key in enumerate(self._slots):
+            if key is None:
+                return slot
+        candidates = [k for k in self._lru if k in self._retired and k not in needed]
+        candidates += [k for k in self._lru if k not in needed]
+        key = candidates[0]
+        slot = self._slot_of.pop(key)
+        del self._lru[key]
+        self._retired.discard(key)
+        self._slots[slot] = None
+        self.evictions += 1
+        return slot
+
+    # --- helpers -----------------------------------------------------------------------------------
+
+    async def _refresh(self, adapter_id: str) -> None:
+        generation = self._generation.get(adapter_id, 0)
+        started = time.monotonic()
+        record = await asyncio.to_thread(self.store.get, adapter_id)
+        if self._generation.get(adapter_id, 0) != generation:
+            return  # a put/delete of this process answered meanwhile; its state is newer than this read
+        previous = self._known.get(adapter_id)
+        if record is None:
+            self._known.pop(adapter_id, None)
+            self._retire(adapter_id, keep=None)
+            return
+        self._known[adapter_id] = _Known(record, started)
+        if previous is not None and previous.record.version != record.version:
+            self._retire(adapter_id, keep=record.version)
+
+    async def _load(self, record: AdapterRecord) -> AdapterHandle:
+        started = time.perf_counter()
+        weights = await asyncio.to_thread(self._read_weights, record)
+        self.store_loads += 1
+        self._notify("store", time.perf_counter() - started)
+        handle = AdapterHandle(record.adapter_id, record.version, record.labels, weights)
+        self._remember(handle)
+        return handle
+
+    def _read_weights(self, record: AdapterRecord) -> AdapterWeights:
+        files = self.store.read(record.adapter_id, record.version)
+        try:
+            return load_stored(files, self.base, max_rank=self.max_rank, max_labels=self.max_labels)
+        except InvalidAdapterError as exc:
+            raise ConflictError(
+                f"Adapter {record.adapter_id!r} version {record.version} in the store cannot be served by "
+                f"this server: {exc.message}"
+            ) from None
+
+    def _remember(self, handle: AdapterHandle) -> None:
+        self._host[handle.key] = handle
+        self._host.move_to_end(handle.key)
+        while len(self._host) > self.max_host_cache:
+            self._host.popitem(last=False)
+            self.host_evictions += 1
+
+    def _retire(self, adapter_id: str, keep: str | None) -> None:
+        """Forget cached versions of `adapter_id` other than `keep`; resident ones are evicted first."""
+        with self._slot_lock:
+            self._retired.update(k for k in self._slot_of if k[0] == adapter_id and k[1] != keep)
+        for key in [k for k in self._host if k[0] == adapter_id and k[1] != keep]:
+            del self._host[key]
+
+    def _bump(self, adapter_id: str) -> None:
+        self._generation[adapter_id] = self._generation.get(adapter_id, 0) + 1
+
+    def _id_lock(self, adapter_id: str) -> asyncio.Lock:
+        return self._id_locks.setdefault(adapter_id, asyncio.Lock())
+
+    async def _once(self, key: Hashable, make: Callable[[], Awaitable[Any]]) -> Any:
+        """Run `make()` once for all concurrent callers with the same key; a cancelled caller leaves it be."""
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.ensure_future(make())
+            self._inflight[key] = task
+
+            def done(t: asyncio.Task, key: Hashable = key) -> None:
+                if self._inflight.get(key) is t:
+                    del self._inflight[key]
+                if not t.cancelled():
+                    t.exception()  # retrieved here so that an unawaited failure is not logged as lost
+
+            task.add_done_callback(done)
+        return await asyncio.shield(task)
+
+    def _notify(self, tier: str, seconds: float) -> None:
+        for listener in self.load_listeners:
+            listener(tier, seconds)

@@ -1,0 +1,212 @@
+"""Hostile-input checks for uploaded adapter files, before anything is stored.
+
+The order is cheap-to-expensive: id allowlist, sizes (streamed, see `limited`), file type sniffing (pickle,
+zip or anything else that is not safetensors -> UnsupportedMediaError; nothing is ever unpickled), the
+safetensors structure (parsed by safetensors' own loader, which checks the header length, the JSON, and that
+the offsets cover the data exactly), dtypes and ranks of every tensor, and finally `adapters.peft
+.parse_adapter`, which applies PEFT's config semantics and checks names, shapes, ranks, finiteness and the
+head against the base model. Every rejection is a LoraplexError whose message names the file, field, key or
+shape at fault.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import AsyncIterable, AsyncIterator
+from dataclasses import dataclass
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
+
+from adapters.errors import InvalidAdapterError, PayloadTooLargeError, UnsupportedMediaError
+from adapters.peft import AdapterWeights, BaseSpec, parse_adapter
+from adapters.store import AdapterFiles, AdapterRecord, check_adapter_id, utc_now
+
+MAX_CONFIG_BYTES = 1 << 20
+MAX_LABELS_BYTES = 1 << 16
+MAX_LABEL_CHARS = 200
+# What the engine can hold in a slot; float8 and integer tensors would silently change the math.
+ALLOWED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+PICKLE_PROTOCOLS = tuple(bytes([0x80, p]) for p in range(2, 6))
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format: a zip around a pickle
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+@dataclass(frozen=True)
+class ValidatedAdapter:
+    """An upload that passed every check: what to store, what the manifest says, and the weights."""
+
+    record: AdapterRecord
+    files: AdapterFiles
+    weights: AdapterWeights
+
+
+async def limited(chunks: AsyncIterable[bytes], limit: int, what: str) -> AsyncIterator[bytes]:
+    """Pass `chunks` through, raising PayloadTooLargeError as soon as more than `limit` bytes arrived."""
+    seen = 0
+    async for chunk in chunks:
+        seen += len(chunk)
+        if seen > limit:
+            raise PayloadTooLargeError(f"{what} is larger than the limit of {limit} bytes.")
+        yield chunk
+
+
+def check_size(data: bytes, limit: int, what: str) -> None:
+    if len(data) > limit:
+        raise PayloadTooLargeError(f"{what} is {len(data)} bytes, over the limit of {limit} bytes.")
+
+
+def parse_config(data: bytes) -> dict:
+    """adapter_config.json bytes -> dict; a JSON object in UTF-8 or InvalidAdapterError."""
+    check_size(data, MAX_CONFIG_BYTES, "adapter_config.json")
+    try:
+        config = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise InvalidAdapterError(f"adapter_config.json is not valid UTF-8 JSON: {_short(exc)}.") from None
+    if not isinstance(config, dict):
+        raise InvalidAdapterError("adapter_config.json must be a JSON object.")
+    return config
+
+
+def parse_labels(text: str | bytes | None) -> list[str] | None:
+    """The optional `labels` field: a JSON array of distinct non-empty strings, or None when absent."""
+    if text is None:
+        return None
+    if isinstance(text, bytes):
+        check_size(text, MAX_LABELS_BYTES, "'labels'")
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidAdapterError("'labels' is not valid UTF-8.") from None
+    if len(text) > MAX_LABELS_BYTES:
+        raise PayloadTooLargeError(f"'labels' is over the limit of {MAX_LABELS_BYTES} characters.")
+    try:
+        labels = json.loads(text)
+    except (ValueError, RecursionError):
+        raise InvalidAdapterError(
+            'The labels field must be a JSON array of label names, e.g. ["negative", "positive"].'
+        ) from None
+    if not isinstance(labels, list) or not labels:
+        raise InvalidAdapterError(
+            'The labels field must be a non-empty JSON array of label names, e.g. ["negative", "positive"].'
+        )
+    for index, label in enumerate(labels):
+        if not isinstance(label, str) or not label.strip() or len(label) > MAX_LABEL_CHARS:
+            raise InvalidAdapterError(
+                f"'labels'[{index}] must be a non-empty string of at most {MAX_LABEL_CHARS} characters."
+            )
+    return labels
+
+
+def load_tensors(data: bytes, filename: str | None = None) -> dict[str, torch.Tensor]:
+    """adapter_model.safetensors bytes -> tensors, with safetensors' own loader and nothing else."""
+    named_pickle = bool(filename) and filename.lower().endswith(PICKLE_SUFFIXES)
+    if named_pickle or data.startswith((*PICKLE_PROTOCOLS, ZIP_MAGIC)):
+        raise UnsupportedMediaError(
+            "adapter_model looks like a pickle/PyTorch checkpoint; loraplex never unpickles uploads. "
+            "Save the adapter with safe_serialization=True (adapter_model.safetensors)."
+        )
+    # A safetensors file starts with an 8-byte little-endian header length followed by the JSON header.
+    if len(data) < 10 or data[8:9] != b"{":
+        raise UnsupportedMediaError(
+            "adapter_model is not a safetensors file; upload the adapter_model.safetensors that PEFT saves."
+        )
+    try:
+        tensors = load_safetensors_bytes(data)
+    except SafetensorError as exc:
+        raise InvalidAdapterError(f"adapter_model.safetensors is damaged: {_short(exc)}.") from None
+    if not tensors:
+        raise InvalidAdapterError("adapter_model.safetensors holds no tensors.")
+    for key, tensor in tensors.items():
+        if tensor.dtype not in ALLOWED_DTYPES:
+            raise InvalidAdapterError(
+                f"Tensor '{key}' has dtype {str(tensor.dtype).removeprefix('torch.')}; "
+                "use float32, float16, bfloat16 or float64."
+            )
+        wanted = 1 if key.endswith(".bias") else 2
+        if tensor.dim() != wanted:
+            raise InvalidAdapterError(
+                f"Tensor '{key}' has shape {list(tensor.shape)}; it must be {wanted}-D."
+            )
+    return tensors
+
+
+def build_weights(
+    config: dict,
+    tensors: dict[str, torch.Tensor],
+    base: BaseSpec,
+    *,
+    labels: list[str] | None,
+    max_rank: int,
+    max_labels: int,
+) -> AdapterWeights:
+    """`parse_adapter` plus the engine's capacity; malformed config values become InvalidAdapterError."""
+    try:
+        weights = parse_adapter(config, tensors, base, labels=labels, max_rank=max_rank)
+    except (TypeError, ValueError, KeyError, AttributeError, OverflowError, RecursionError, re.error) as exc:
+        # parse_adapter checks the fields it reads; this catches values of a type it did not expect
+        # (e.g. a number where a list of names belongs) so that they are a 422, not a 500.
+        raise InvalidAdapterError(
+            f"adapter_config.json has a field of the wrong type or an invalid pattern: {_short(exc)}."
+        ) from None
+    if weights.num_labels > max_labels:
+        raise InvalidAdapterError(
+            f"The classification head has {weights.num_labels} labels; this server accepts at most "
+            f"{max_labels} (--max-labels)."
+        )
+    return weights
+
+
+def validate_upload(
+    adapter_id: str,
+    config_bytes: bytes,
+    model_bytes: bytes,
+    labels: list[str] | None,
+    base: BaseSpec,
+    *,
+    max_rank: int,
+    max_labels: int,
+    max_model_bytes: int | None = None,
+    model_filename: str | None = None,
+) -> ValidatedAdapter:
+    """Check an upload end to end and return what the store should keep. Blocking: run off the loop."""
+    check_adapter_id(adapter_id)
+    if max_model_bytes is not None:
+        check_size(model_bytes, max_model_bytes, "adapter_model.safetensors")
+    config = parse_config(config_bytes)
+    tensors = load_tensors(model_bytes, model_filename)
+    weights = build_weights(config, tensors, base, labels=labels, max_rank=max_rank, max_labels=max_labels)
+    files = AdapterFiles(config=config_bytes, model=model_bytes, labels=weights.labels)
+    record = AdapterRecord(
+        adapter_id=adapter_id,
+        version=files.version(),
+        sha256=hashlib.sha256(model_bytes).hexdigest(),
+        rank=weights.rank,
+        lora_alpha=weights.lora_alpha,
+        target_modules=weights.target_modules,
+        labels=weights.labels,
+        size_bytes=len(model_bytes),
+        created_at=utc_now(),
+    )
+    return ValidatedAdapter(record=record, files=files, weights=weights)
+
+
+def load_stored(files: AdapterFiles, base: BaseSpec, *, max_rank: int, max_labels: int) -> AdapterWeights:
+    """Weights of a stored version, checked again: a shared store is input too."""
+    tensors = load_tensors(files.model)
+    return build_weights(
+        parse_config(files.config),
+        tensors,
+        base,
+        labels=list(files.labels),
+        max_rank=max_rank,
+        max_labels=max_labels,
+    )
+
+
+def _short(exc: BaseException, limit: int = 200) -> str:
+    text = str(exc).strip().rstrip(".") or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
