@@ -47,13 +47,24 @@ def response_for(exc: LoraplexError) -> Response:
     return error_response(STATUS.get(exc.error_type, 500), exc.error_type, exc.message, headers)
 
 
+_SENTENCES = ("missing", "extra_forbidden", "value_error")
+
+
 def describe_validation(errors: list[dict]) -> str:
     """FastAPI/pydantic errors as one sentence naming each field, without echoing the client's values."""
     parts = []
     for err in errors[:5]:
         loc = [p for p in err.get("loc", ()) if p not in ("body", "query", "path", "header")]
         where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "request"
-        parts.append(f"{where}: {err.get('msg', 'invalid value')}")
+        kind = err.get("type")
+        if kind == "missing":
+            message = "is required"
+        elif kind == "extra_forbidden":
+            message = "is not a field of this request"
+        else:
+            message = str(err.get("msg", "is not valid")).removeprefix("Value error, ")
+        joiner = "" if message.startswith("[") else " " if kind in _SENTENCES else ": "
+        parts.append(f"{where}{joiner}{message}")
     more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
     return "Invalid request: " + "; ".join(parts) + more + "."
 

@@ -1,0 +1,118 @@
+"""The FastAPI app: `create_app(settings)` builds it; the lifespan loads the model and starts the batcher.
+
+Loading runs in the background so that /health answers at once and /ready says 503 until the model is
+warm. `app.state` holds settings, metrics and `phase` ("loading" -> "ready" -> "draining", or "failed"),
+and once ready: engine, store, registry, batcher and the tokenizer's thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from adapters.registry import Registry
+from adapters.store import DirectoryStore
+from server.batcher import Batcher
+from server.engine import Engine
+from server.errors import install_error_handlers
+from server.metrics import Metrics
+from server.middleware import ServingMiddleware
+from server.routes import adapters, classify, health
+from server.settings import Settings
+
+log = logging.getLogger("loraplex.app")
+
+
+def create_app(settings: Settings) -> FastAPI:
+    app = FastAPI(
+        title="loraplex",
+        summary="One frozen BERT, many LoRA classification adapters, one forward pass.",
+        lifespan=_lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = Metrics(settings.metrics_max_adapters)
+    app.state.phase = "loading"
+    app.state.failure = None  # the exception that stopped start-up
+    app.state.inflight = 0  # requests on work routes, for the drain
+    app.state.engine = app.state.store = app.state.registry = app.state.batcher = app.state.tokenizer = None
+    install_error_handlers(app)
+    app.add_middleware(ServingMiddleware)
+    app.include_router(health.router)
+    app.include_router(classify.router)
+    app.include_router(adapters.router)
+    return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI):
+    starting = asyncio.create_task(_start(app))
+    try:
+        yield
+    finally:
+        if not starting.done():
+            starting.cancel()
+        batcher: Batcher | None = app.state.batcher
+        if batcher is not None:
+            await batcher.stop()
+        if app.state.tokenizer is not None:
+            app.state.tokenizer.shutdown(wait=False, cancel_futures=True)
+
+
+async def _start(app: FastAPI) -> None:
+    s: Settings = app.state.settings
+    try:
+        engine = await asyncio.to_thread(
+            Engine,
+            s.model,
+            device=s.device,
+            dtype=s.dtype,
+            num_slots=s.max_resident,
+            max_rank=s.max_rank,
+            max_labels=s.max_labels,
+        )
+        store = await asyncio.to_thread(DirectoryStore, s.adapter_store)
+        registry = Registry(
+            store,
+            engine,
+            max_host_cache=s.max_host_cache,
+            staleness_s=s.staleness_s,
+            max_rank=s.max_rank,
+            max_labels=s.max_labels,
+        )
+        for adapter_id, folder in s.preload_items():
+            record, _ = await registry.import_dir(adapter_id, folder)
+            log.info("preloaded adapter %s version %s from %s", adapter_id, record.version, folder)
+        await asyncio.to_thread(engine.warmup)
+    except Exception as exc:
+        app.state.failure = exc
+        app.state.phase = "failed"
+        return
+    metrics: Metrics = app.state.metrics
+    metrics.watch_registry(registry)
+    batcher = Batcher(
+        engine,
+        registry,
+        metrics,
+        max_batch_tokens=s.max_batch_tokens,
+        max_batch_size=s.max_batch_size,
+        max_wait_s=s.max_wait_ms / 1000,
+        max_queued=s.max_queued,
+    )
+    batcher.start()
+    app.state.engine, app.state.store, app.state.registry, app.state.batcher = (
+        engine,
+        store,
+        registry,
+        batcher,
+    )
+    # One thread: tokenization stays off the event loop and never runs concurrently with itself.
+    app.state.tokenizer = ThreadPoolExecutor(1, thread_name_prefix="loraplex-tokenize")
+    app.state.phase = "ready"
+    log.info(
+        "ready: %s on %s, %d slots, batches of up to %d rows / %d tokens",
+        s.model or "all-MiniLM-L6-v2", engine.device, engine.num_slots, s.max_batch_size, s.max_batch_tokens,
+    )  # fmt: skip

@@ -1,0 +1,273 @@
+"""The dynamic batcher: one queue for every client and adapter, one worker thread that runs the engine.
+
+Each input of a request is its own queue entry. The worker forms a batch by taking the oldest entry and
+adding the entries closest to it in length (less padding) while the batch stays within
+`max_batch_tokens` (padded length x rows), `max_batch_size` rows and `engine.num_slots` distinct
+adapters. Only when the worker was idle and the batch is not yet full does it wait up to `max_wait_s`
+for more entries. Results go back to each request's future; a request's rows may span several batches.
+
+    job = batcher.submit(token_ids, handle)   # OverloadedError when the queue is full
+    await job.future                          # job.logits[i]: the logits of input i
+    batcher.cancel(job, "disconnect")         # drops what is still queued (timeouts, gone clients)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from adapters.errors import LoraplexError, OverloadedError, UnavailableError
+from server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Job:
+    """One request: its inputs' rows and, once `future` is done, their logits in input order."""
+
+    handle: object  # adapters.registry.AdapterHandle: the version every row of this job uses
+    size: int
+    future: asyncio.Future
+    enqueued_at: float
+    logits: list[torch.Tensor | None] = field(default_factory=list)  # [num_labels] per input
+    # Worker-thread bookkeeping; the event loop reads it only after `future` is done.
+    remaining: int = 0
+    started_at: float | None = None  # start of the first batch that ran one of its rows
+    finished_at: float | None = None
+    closed: bool = False  # cancelled or failed: queued rows are gone, late results are ignored
+
+    @property
+    def queue_seconds(self) -> float:
+        return (self.started_at or self.enqueued_at) - self.enqueued_at
+
+    @property
+    def inference_seconds(self) -> float:
+        return (self.finished_at or 0.0) - (self.started_at or 0.0)
+
+
+@dataclass(eq=False)
+class _Entry:
+    job: Job
+    index: int  # position of this input in its request
+    token_ids: list[int]
+    enqueued_at: float
+
+
+class Batcher:
+    def __init__(
+        self,
+        engine,
+        registry,
+        metrics: Metrics,
+        *,
+        max_batch_tokens: int,
+        max_batch_size: int,
+        max_wait_s: float,
+        max_queued: int,
+    ):
+        self._engine = engine
+        self._registry = registry
+        self._metrics = metrics
+        self._max_batch_tokens = max_batch_tokens
+        self._max_batch_size = max_batch_size
+        self._max_wait_s = max_wait_s
+        self._max_queued = max_queued
+        # Length grouping looks this far past the oldest entry, so no entry waits behind many batches.
+        self._scan = 4 * max_batch_size
+        self._cond = threading.Condition()
+        self._queue: list[_Entry] = []  # oldest first
+        self._stopping = False
+        self._rows_per_s = 0.0  # moving average of engine throughput, for Retry-After
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=self._run, name="loraplex-engine", daemon=True)
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread.start()
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Finish the running batch, fail whatever is still queued, and join the worker."""
+        with self._cond:
+            self._stopping = True
+            dropped = self._queue
+            self._queue = []
+            self._metrics.queue_depth.set(0)
+            self._cond.notify_all()
+        jobs = {entry.job for entry in dropped}
+        if dropped:
+            self._metrics.dropped.labels("shutdown").inc(len(dropped))
+        for job in jobs:
+            job.closed = True
+            _fail(job, UnavailableError("The server is shutting down; retry on another replica.", 1))
+        if self._thread.is_alive():
+            await asyncio.to_thread(self._thread.join, timeout)
+
+    def submit(self, token_ids: list[list[int]], handle) -> Job:
+        """Queue one entry per input, all or none; raises OverloadedError past `max_queued`."""
+        assert self._loop is not None, "start() first"
+        now = time.monotonic()
+        job = Job(handle, len(token_ids), self._loop.create_future(), now, [None] * len(token_ids))
+        job.remaining = job.size
+        entries = [_Entry(job, i, ids, now) for i, ids in enumerate(token_ids)]
+        with self._cond:
+            if self._stopping:
+                raise UnavailableError("The server is shutting down; retry on another replica.", 1)
+            if len(self._queue) + len(entries) > self._max_queued:
+                raise OverloadedError(
+                    f"The server is overloaded: {len(self._queue)} inputs are queued and the limit is "
+                    f"{self._max_queued}. Retry after the time in Retry-After.",
+                    self._retry_after(),
+                )
+            self._queue.extend(entries)
+            self._metrics.queue_depth.set(len(self._queue))
+            self._cond.notify()
+        return job
+
+    def cancel(self, job: Job, reason: str) -> None:
+        """On the event loop: drop the job's queued rows; rows already in a running batch are ignored."""
+        dropped = self._drop(job)
+        job.future.cancel()
+        if dropped:
+            self._metrics.dropped.labels(reason).inc(dropped)
+
+    def _drop(self, job: Job) -> int:
+        with self._cond:
+            job.closed = True
+            kept = [entry for entry in self._queue if entry.job is not job]
+            dropped = len(self._queue) - len(kept)
+            self._queue = kept
+            self._metrics.queue_depth.set(len(kept))
+        return dropped
+
+    def _retry_after(self) -> int:
+        if self._rows_per_s <= 0:
+            return 1
+        return max(1, min(60, math.ceil(len(self._queue) / self._rows_per_s)))
+
+    # ---- worker thread ----
+
+    def _run(self) -> None:
+        idle = True
+        while True:
+            with self._cond:
+                while not self._queue:
+                    if self._stopping:
+                        return
+                    idle = True
+                    self._cond.wait()
+                if idle:
+                    self._wait_for_more()
+                batch = self._take_batch()
+                self._metrics.queue_depth.set(len(self._queue))
+            idle = False
+            if batch:
+                self._execute(batch)
+
+    def _wait_for_more(self) -> None:
+        """With the lock held: give a batch that an idle engine would start half-empty a moment to fill."""
+        deadline = time.monotonic() + self._max_wait_s
+        while self._queue and not self._stopping and not self._full():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._cond.wait(left)
+
+    def _full(self) -> bool:
+        if len(self._queue) >= self._max_batch_size:
+            return True
+        longest = max(len(entry.token_ids) for entry in self._queue)
+        return longest * len(self._queue) >= self._max_batch_tokens
+
+    def _take_batch(self) -> list[_Entry]:
+        """With the lock held: the oldest entry plus those nearest its length that fit every limit."""
+        head_len = len(self._queue[0].token_ids)
+        window = sorted(self._queue[: self._scan], key=lambda e: abs(len(e.token_ids) - head_len))
+        batch: list[_Entry] = []
+        adapters: set[tuple[str, str]] = set()
+        longest = 0
+        for entry in window:
+            if len(batch) == self._max_batch_size:
+                break
+            key = (entry.job.handle.adapter_id, entry.job.handle.version)
+            if key not in adapters and len(adapters) == self._engine.num_slots:
+                continue
+            padded = max(longest, len(entry.token_ids))
+            if batch and padded * (len(batch) + 1) > self._max_batch_tokens:
+                continue
+            batch.append(entry)
+            adapters.add(key)
+            longest = padded
+        taken = {id(entry) for entry in batch}
+        self._queue = [entry for entry in self._queue if id(entry) not in taken]
+        return batch
+
+    def _execute(self, batch: list[_Entry]) -> None:
+        start = time.monotonic()
+        try:
+            slots = self._registry.slots_for([entry.job.handle for entry in batch])
+            logits = self._engine.classify([entry.token_ids for entry in batch], slots)
+        except Exception as exc:  # one bad batch fails its requests, never the worker
+            if not isinstance(exc, LoraplexError):
+                log.exception("batch of %d rows failed", len(batch))
+            self._fail_batch(batch, exc)
+            return
+        end = time.monotonic()
+        self._observe(batch, start, end)
+        done = []
+        for entry, row in zip(batch, logits, strict=True):
+            job = entry.job
+            if job.started_at is None:
+                job.started_at = start
+            job.logits[entry.index] = row
+            job.remaining -= 1
+            if job.remaining == 0 and not job.closed:
+                job.finished_at = end
+                done.append(job)
+        if done:
+            self._loop.call_soon_threadsafe(_finish, done)
+
+    def _observe(self, batch: list[_Entry], start: float, end: float) -> None:
+        m = self._metrics
+        rows = len(batch)
+        m.inference_seconds.observe(end - start)
+        m.batch_size.observe(rows)
+        m.batch_tokens.observe(rows * max(len(entry.token_ids) for entry in batch))
+        m.batch_adapters.observe(len({(e.job.handle.adapter_id, e.job.handle.version) for e in batch}))
+        for entry in batch:
+            m.queue_seconds.observe(start - entry.enqueued_at)
+        rate = rows / max(end - start, 1e-6)
+        self._rows_per_s = rate if self._rows_per_s == 0 else 0.8 * self._rows_per_s + 0.2 * rate
+
+    def _fail_batch(self, batch: list[_Entry], exc: Exception) -> None:
+        jobs = list({id(entry.job): entry.job for entry in batch}.values())
+        dropped = sum(self._drop(job) for job in jobs)
+        if dropped:
+            self._metrics.dropped.labels("error").inc(dropped)
+        self._loop.call_soon_threadsafe(_fail_all, jobs, exc)
+
+
+def _finish(jobs: list[Job]) -> None:
+    for job in jobs:
+        if not job.future.done():
+            job.future.set_result(None)
+
+
+def _fail(job: Job, exc: Exception) -> None:
+    if not job.future.done():
+        job.future.set_exception(exc)
+
+
+def _fail_all(jobs: list[Job], exc: Exception) -> None:
+    for job in jobs:
+        _fail(job, exc)

@@ -1,0 +1,117 @@
+"""Prometheus metrics, all prefixed `loraplex_`, in a registry of their own per app."""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+OTHER_ADAPTERS = "other"
+
+
+class Metrics:
+    """The serving metrics. Safe to update from the event loop and the engine worker thread."""
+
+    def __init__(self, max_adapter_labels: int = 64):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "loraplex_requests", "HTTP requests by route template, method and status.",
+            ["route", "method", "status"], registry=r,
+        )  # fmt: skip
+        self.request_seconds = Histogram(
+            "loraplex_request_duration_seconds", "Time from request start to response, by route.",
+            ["route"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.queue_seconds = Histogram(
+            "loraplex_queue_duration_seconds", "Time an input waits in the queue before its batch starts.",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.tokenize_seconds = Histogram(
+            "loraplex_tokenization_duration_seconds", "Time to tokenize the inputs of one request.",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.inference_seconds = Histogram(
+            "loraplex_inference_duration_seconds", "Time of one batch: slot loads and the forward pass.",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.batch_size = Histogram(
+            "loraplex_batch_size", "Rows (inputs) in one forward pass.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r,
+        )  # fmt: skip
+        self.batch_tokens = Histogram(
+            "loraplex_batch_tokens", "Tokens in one forward pass, counted as padded length x rows.",
+            buckets=(64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536), registry=r,
+        )  # fmt: skip
+        self.batch_adapters = Histogram(
+            "loraplex_batch_adapters", "Distinct adapters in one forward pass.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r,
+        )  # fmt: skip
+        self.queue_depth = Gauge("loraplex_queue_depth", "Inputs waiting for the engine.", registry=r)
+        self.inputs = Counter(
+            "loraplex_inputs", "Inputs classified, by adapter (past the label limit: 'other').",
+            ["adapter"], registry=r,
+        )  # fmt: skip
+        self.dropped = Counter(
+            "loraplex_dropped_inputs",
+            "Queued inputs dropped before inference: client disconnected, request timed out, shutdown.",
+            ["reason"], registry=r,
+        )  # fmt: skip
+        self.adapter_load_seconds = Histogram(
+            "loraplex_adapter_load_duration_seconds",
+            "Time to load an adapter, by tier: 'store' (read and check) or 'slot' (write into the engine).",
+            ["tier"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self._max_adapter_labels = max_adapter_labels
+        self._adapter_labels: set[str] = set()
+        self._lock = threading.Lock()
+
+    def adapter_label(self, adapter_id: str) -> str:
+        """The first `max_adapter_labels` adapters seen get their own label, so cardinality stays bounded."""
+        with self._lock:
+            if adapter_id in self._adapter_labels:
+                return adapter_id
+            if len(self._adapter_labels) < self._max_adapter_labels:
+                self._adapter_labels.add(adapter_id)
+                return adapter_id
+        return OTHER_ADAPTERS
+
+    def watch_registry(self, registry) -> None:
+        """Report the adapter registry: load times as they happen, counters read at scrape time."""
+        registry.load_listeners.append(
+            lambda tier, seconds: self.adapter_load_seconds.labels(tier).observe(seconds)
+        )
+        self.registry.register(_RegistryCollector(registry))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _RegistryCollector:
+    """Reads `adapters.registry.Registry` counters when Prometheus scrapes."""
+
+    def __init__(self, registry):
+        self._registry = registry
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        r = self._registry
+        yield GaugeMetricFamily(
+            "loraplex_resident_adapters", "Adapters resident in engine slots.", r.resident
+        )
+        yield GaugeMetricFamily(
+            "loraplex_host_cached_adapters", "Adapters parsed in host memory.", r.host_cached
+        )
+        yield CounterMetricFamily("loraplex_slot_hits", "Batch adapters already resident in a slot.", r.hits)
+        yield CounterMetricFamily("loraplex_slot_misses", "Batch adapters written into a slot.", r.misses)
+        yield CounterMetricFamily(
+            "loraplex_slot_evictions", "Slot writes that displaced an adapter.", r.evictions
+        )
+        yield CounterMetricFamily("loraplex_store_loads", "Adapters read from the store.", r.store_loads)
+        yield CounterMetricFamily(
+            "loraplex_host_evictions", "Adapters dropped from the host cache.", r.host_evictions
+        )

@@ -1,0 +1,96 @@
+"""Per-request plumbing around every route: admission, body limit, in-flight count, request metrics.
+
+- Admission: while the model loads or the server drains, work routes answer 503 at once.
+- Body limit: a declared Content-Length over the limit gets 413 before any of the body is read; a body
+  without one (chunked) is counted as it arrives and cut off at the limit.
+- In-flight count: the drain on SIGTERM waits for it to reach zero.
+"""
+
+from __future__ import annotations
+
+import time
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from adapters.errors import PayloadTooLargeError, UnavailableError
+from server.errors import response_for
+
+# Routes that never queue work: open during loading and draining, not counted as in flight.
+OPS_PATHS = frozenset(
+    {"/health", "/ready", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+)
+
+_REFUSED = {
+    "loading": "The model is still loading; retry when /ready answers 200.",
+    "draining": "The server is shutting down; retry on another replica.",
+    "failed": "The server failed to start; see its log.",
+}
+
+
+class ServingMiddleware:
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = scope["app"].state
+        started = time.perf_counter()
+        status = 500  # what an exception that escapes every handler becomes
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        path = scope["path"]
+        tracked = path not in OPS_PATHS
+        try:
+            if not tracked:
+                await self.app(scope, receive, send_status)
+                return
+            refusal = self._refusal(state, scope)
+            if refusal is not None:
+                await response_for(refusal)(scope, receive, send_status)
+                return
+            state.inflight += 1
+            try:
+                await self.app(scope, _limited(receive, state.settings.body_limit(path)), send_status)
+            finally:
+                state.inflight -= 1
+        finally:
+            route = scope.get("route")
+            label = route.path if route is not None else "unmatched"
+            state.metrics.requests.labels(label, scope["method"], str(status)).inc()
+            state.metrics.request_seconds.labels(label).observe(time.perf_counter() - started)
+
+    @staticmethod
+    def _refusal(state, scope: Scope) -> Exception | None:
+        if state.phase != "ready":
+            return UnavailableError(_REFUSED[state.phase], retry_after=1)
+        limit = state.settings.body_limit(scope["path"])
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                return _too_large(limit)
+        return None
+
+
+def _limited(receive: Receive, limit: int) -> Receive:
+    received = 0
+
+    async def receive_within_limit() -> Message:
+        nonlocal received
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise _too_large(limit)
+        return message
+
+    return receive_within_limit
+
+
+def _too_large(limit: int) -> PayloadTooLargeError:
+    return PayloadTooLargeError(f"The request body is larger than the limit of {limit} bytes.")

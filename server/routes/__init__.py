@@ -1,0 +1,1 @@
+"""HTTP routers: inference (classify), operations (health), adapter lifecycle (adapters)."""

@@ -1,0 +1,38 @@
+"""Operations routes: liveness, readiness, Prometheus metrics. Always open, never queued."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from server.errors import error_response
+from server.schemas import ErrorBody, Status
+
+router = APIRouter(tags=["operations"])
+
+_NOT_READY = {
+    "loading": "The model is loading and warming up.",
+    "draining": "The server is shutting down and takes no new requests.",
+    "failed": "The server failed to start; see its log.",
+}
+
+
+@router.get("/health", response_model=Status)
+async def health() -> dict:
+    """200 while the process serves requests."""
+    return {"status": "ok"}
+
+
+@router.get("/ready", response_model=Status, responses={503: {"model": ErrorBody}})
+async def ready(request: Request) -> Response | dict:
+    """200 once the model is warm; 503 while loading and again from the moment shutdown begins."""
+    phase = request.app.state.phase
+    if phase != "ready":
+        return error_response(503, "unavailable", _NOT_READY[phase], {"Retry-After": "1"})
+    return {"status": "ready"}
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    """Prometheus text format; every metric starts with `loraplex_`."""
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
