@@ -94,8 +94,8 @@ class AdapterRecord:
         data["target_modules"] = list(self.target_modules)
         data["labels"] = list(self.labels)
         data["num_labels"] = self.num_labels
-        if self.lora_alpha.is_integer():
-            data["lora_alpha"] = int(self.lora_alpha)
+        alpha = float(self.lora_alpha)
+        data["lora_alpha"] = int(alpha) if alpha.is_integer() else alpha
         return data
 
     @classmethod
