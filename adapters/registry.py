@@ -166,7 +166,7 @@ class Registry:
                 self._remember(AdapterHandle(adapter_id, record.version, record.labels, validated.weights))
             if previous is not None and previous.record.version != record.version:
                 self._retire(adapter_id, keep=record.version)
-        log.info("adapter %s %s version %s", adapter_id, "created" if created else "stored", record.version)
+        log.info("adapter %s %s version %s", adapter_id, "created as" if created else "now", record.version)
         return record, created
 
     async def delete(self, adapter_id: str) -> None:

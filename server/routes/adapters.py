@@ -1,0 +1,154 @@
+"""Adapter routes: upload (create or replace), list, show, delete. The work happens in the Registry."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Request, Response
+from pydantic import BaseModel, Field
+from starlette.datastructures import FormData, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from adapters.errors import (
+    BadRequestError,
+    InvalidAdapterError,
+    PayloadTooLargeError,
+    UnsupportedMediaError,
+)
+from adapters.registry import Registry
+from adapters.store import AdapterRecord, check_adapter_id
+from adapters.validate import MAX_CONFIG_BYTES, MAX_LABELS_BYTES, limited, parse_labels
+from server.auth import AdminAuth, ApiKeyAuth
+from server.schemas import ERROR_RESPONSES
+
+router = APIRouter(tags=["adapters"])
+
+# `:path` so that ids with '/' (e.g. traversal attempts) reach the allowlist check and get its 422.
+AdapterId = Annotated[str, Path(description="^[a-z0-9][a-z0-9._-]{0,63}$")]
+PARTS = ("adapter_config", "adapter_model", "labels")
+
+
+class AdapterInfo(BaseModel):
+    adapter_id: str
+    version: str = Field(description="content hash; changes whenever the content changes")
+    sha256: str = Field(description="SHA-256 of adapter_model.safetensors")
+    rank: int = Field(description="largest LoRA rank over the adapted modules")
+    lora_alpha: int | float
+    target_modules: list[str]
+    num_labels: int
+    labels: list[str] = Field(description="label names in head order")
+    size_bytes: int = Field(description="size of adapter_model.safetensors")
+    created_at: str = Field(description="when this version was stored, ISO 8601 UTC")
+    resident: bool = Field(description="whether this version is in a device slot of this replica")
+
+
+class AdapterList(BaseModel):
+    adapters: list[AdapterInfo]
+
+
+def _info(record: AdapterRecord, registry: Registry) -> AdapterInfo:
+    return AdapterInfo(**record.to_json(), resident=registry.is_resident(record.adapter_id, record.version))
+
+
+def _registry(request: Request) -> Registry:
+    return request.app.state.registry
+
+
+@router.put(
+    "/adapters/{adapter_id:path}",
+    response_model=AdapterInfo,
+    status_code=201,
+    responses={200: {"model": AdapterInfo, "description": "replaced"}, **ERROR_RESPONSES},
+    summary="Upload (create or replace) an adapter",
+)
+async def put_adapter(
+    adapter_id: AdapterId, request: Request, response: Response, _: AdminAuth
+) -> AdapterInfo:
+    """multipart/form-data: `adapter_config` (file), `adapter_model` (file), optional `labels` (JSON array).
+
+    201 when created, 200 when replaced. Nothing of a rejected upload is stored.
+    """
+    check_adapter_id(adapter_id)
+    limit = request.app.state.settings.max_upload_bytes
+    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        raise UnsupportedMediaError(
+            "Upload the adapter as multipart/form-data with parts 'adapter_config', 'adapter_model' and "
+            "optionally 'labels'."
+        )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(f"The upload is {declared} bytes, over the limit of {limit} bytes.")
+    parser = MultiPartParser(
+        request.headers,
+        limited(request.stream(), limit, "The upload"),
+        max_files=len(PARTS),
+        max_fields=len(PARTS),
+        max_part_size=MAX_LABELS_BYTES,
+    )
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        if "maximum size" in exc.message:
+            raise PayloadTooLargeError(f"A text part of the upload is too large: {exc.message}") from None
+        raise BadRequestError(f"The multipart body could not be parsed: {exc.message}") from None
+    try:
+        unknown = [name for name in form if name not in PARTS]
+        if unknown:
+            raise InvalidAdapterError(
+                f"Unknown part {unknown[0]!r}; the parts are 'adapter_config', 'adapter_model', 'labels'."
+            )
+        config = await _part(form, "adapter_config", MAX_CONFIG_BYTES)
+        model = await _part(form, "adapter_model", limit)
+        labels_raw = await _part(form, "labels", MAX_LABELS_BYTES, required=False)
+        model_part = form.get("adapter_model")
+        filename = model_part.filename if isinstance(model_part, UploadFile) else None
+    finally:
+        await form.close()
+    labels = parse_labels(labels_raw)
+    record, created = await _registry(request).put(adapter_id, config, model, labels, model_filename=filename)
+    response.status_code = 201 if created else 200
+    return _info(record, _registry(request))
+
+
+@router.get("/adapters", response_model=AdapterList, responses=ERROR_RESPONSES, summary="List adapters")
+async def list_adapters(request: Request, _: ApiKeyAuth) -> AdapterList:
+    registry = _registry(request)
+    return AdapterList(adapters=[_info(record, registry) for record in await registry.list()])
+
+
+@router.get(
+    "/adapters/{adapter_id:path}",
+    response_model=AdapterInfo,
+    responses=ERROR_RESPONSES,
+    summary="Show one adapter",
+)
+async def get_adapter(adapter_id: AdapterId, request: Request, _: ApiKeyAuth) -> AdapterInfo:
+    registry = _registry(request)
+    return _info(await registry.info(adapter_id), registry)
+
+
+@router.delete(
+    "/adapters/{adapter_id:path}", status_code=204, responses=ERROR_RESPONSES, summary="Delete an adapter"
+)
+async def delete_adapter(adapter_id: AdapterId, request: Request, _: AdminAuth) -> Response:
+    """In-flight requests finish on the version they resolved; later requests get 404."""
+    await _registry(request).delete(adapter_id)
+    return Response(status_code=204)
+
+
+async def _part(form: FormData, name: str, limit: int, required: bool = True) -> bytes | None:
+    values = form.getlist(name)
+    if len(values) > 1:
+        raise InvalidAdapterError(f"The upload has {len(values)} parts named {name!r}; send one.")
+    if not values:
+        if required:
+            raise InvalidAdapterError(
+                f"The upload has no {name!r} part; send adapter_config (adapter_config.json) and "
+                "adapter_model (adapter_model.safetensors) as files."
+            )
+        return None
+    value = values[0]
+    data = await value.read(limit + 1) if isinstance(value, UploadFile) else value.encode("utf-8")
+    if len(data) > limit:
+        raise PayloadTooLargeError(f"The {name!r} part is larger than the limit of {limit} bytes.")
+    return data
