@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapters.errors import ConflictError, InvalidAdapterError, NotFoundError
+from adapters.errors import ConflictError, InvalidAdapterError, NotFoundError, UnavailableError
 from adapters.peft import AdapterWeights
 from adapters.store import (
     ADAPTER_ID_RE,
@@ -116,7 +116,13 @@ class Registry:
         for _ in range(4):
             known = self._known.get(adapter_id)
             if known is None or time.monotonic() - known.checked_at >= self.staleness_s:
-                await self._once(("manifest", adapter_id), lambda: self._refresh(adapter_id))
+                try:
+                    await self._once(("manifest", adapter_id), lambda: self._refresh(adapter_id))
+                except UnavailableError:
+                    if known is None or (adapter_id, known.record.version) not in self._host:
+                        raise
+                    # Store unreachable: keep serving the version in memory; ask again after staleness_s.
+                    self._known[adapter_id] = _Known(known.record, time.monotonic())
                 known = self._known.get(adapter_id)
                 if known is None:
                     raise NotFoundError(f"There is no adapter named {adapter_id!r}.")
