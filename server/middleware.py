@@ -38,11 +38,14 @@ class ServingMiddleware:
         state = scope["app"].state
         started = time.perf_counter()
         status = 500  # what an exception that escapes every handler becomes
+        replica = state.settings.replica_id.encode()
 
         async def send_status(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                # Which replica answered, for operators behind a load balancer.
+                message["headers"] = [*message.get("headers", ()), (b"x-loraplex-replica", replica)]
             await send(message)
 
         path = scope["path"]

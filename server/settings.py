@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import socket
 from argparse import SUPPRESS
 from pathlib import Path
 from typing import Annotated, Literal
@@ -29,7 +30,9 @@ class Settings(BaseSettings):
     model: str | None = Field(None, description="base model directory (unset: the embedded all-MiniLM-L6-v2)")
     device: str | None = Field(None, description="cpu, cuda or cuda:N (unset: cuda when available)")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="engine precision")
-    adapter_store: str = Field("./adapter-store", description="directory of the shared adapter store")
+    adapter_store: str = Field(
+        "./adapter-store", description="shared adapter store: a directory or s3://bucket/prefix"
+    )
     max_resident: int = Field(16, ge=1, description="engine slots: adapters resident for one forward pass")
     max_host_cache: int = Field(256, ge=1, description="adapters kept parsed in host memory")
     max_rank: int = Field(64, ge=1, le=1024, description="largest LoRA rank an adapter may have")
@@ -62,6 +65,11 @@ class Settings(BaseSettings):
         64, ge=0, description="adapters with their own metrics label; the rest count under 'other'"
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="logging")
+    replica_id: str = Field(
+        default_factory=lambda: socket.gethostname()[:128] or "loraplex",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$",
+        description="this replica's name in the X-Loraplex-Replica response header (default: host name)",
+    )
 
     @field_validator("device")
     @classmethod
