@@ -312,7 +312,12 @@ def load_data(args: argparse.Namespace) -> tuple[Examples, Examples | None, list
     examples, labels, dropped = choose_labels(read_examples(args.data, **read), wanted)
     if args.validation_file:
         train = examples
-        validation, _, _ = choose_labels(read_examples(args.validation_file, **read), labels)
+        validation = read_examples(args.validation_file, **read)
+        if wanted:
+            keep = [i for i, lab in enumerate(validation.labels) if lab in set(wanted)]
+            validation = Examples([validation.texts[i] for i in keep], [validation.labels[i] for i in keep])
+        if not validation.texts:
+            raise TrainingDataError(f"{args.validation_file} has no rows with a label from --labels.")
         unknown = sorted(set(validation.labels) - set(labels))
         if unknown:
             raise TrainingDataError(
