@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from adapters.registry import Registry
-from adapters.store import DirectoryStore
+from adapters.store import open_store
 from server.batcher import Batcher
 from server.engine import Engine
 from server.errors import install_error_handlers
@@ -39,6 +39,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.failure = None  # the exception that stopped start-up
     app.state.inflight = 0  # requests on work routes, for the drain
     app.state.engine = app.state.store = app.state.registry = app.state.batcher = app.state.tokenizer = None
+    app.state.metrics.in_flight.set_function(lambda: app.state.inflight)
     install_error_handlers(app)
     app.add_middleware(ServingMiddleware)
     app.include_router(health.router)
@@ -74,7 +75,7 @@ async def _start(app: FastAPI) -> None:
             max_rank=s.max_rank,
             max_labels=s.max_labels,
         )
-        store = await asyncio.to_thread(DirectoryStore, s.adapter_store)
+        store = await asyncio.to_thread(open_store, s.adapter_store)
         registry = Registry(
             store,
             engine,
@@ -103,12 +104,11 @@ async def _start(app: FastAPI) -> None:
         max_queued=s.max_queued,
     )
     batcher.start()
-    app.state.engine, app.state.store, app.state.registry, app.state.batcher = (
-        engine,
-        store,
-        registry,
-        batcher,
-    )
+    metrics.queue_depth.set_function(lambda: batcher.depth)
+    app.state.engine = engine
+    app.state.store = store
+    app.state.registry = registry
+    app.state.batcher = batcher
     # One thread: tokenization stays off the event loop and never runs concurrently with itself.
     app.state.tokenizer = ThreadPoolExecutor(1, thread_name_prefix="loraplex-tokenize")
     app.state.phase = "ready"

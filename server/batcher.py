@@ -53,7 +53,7 @@ class Job:
 
 
 @dataclass(eq=False)
-class _Entry:
+class Entry:
     job: Job
     index: int  # position of this input in its request
     token_ids: list[int]
@@ -82,7 +82,7 @@ class Batcher:
         # Length grouping looks this far past the oldest entry, so no entry waits behind many batches.
         self._scan = 4 * max_batch_size
         self._cond = threading.Condition()
-        self._queue: list[_Entry] = []  # oldest first
+        self._queue: list[Entry] = []  # oldest first
         self._stopping = False
         self._rows_per_s = 0.0  # moving average of engine throughput, for Retry-After
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -102,7 +102,6 @@ class Batcher:
             self._stopping = True
             dropped = self._queue
             self._queue = []
-            self._metrics.queue_depth.set(0)
             self._cond.notify_all()
         jobs = {entry.job for entry in dropped}
         if dropped:
@@ -119,7 +118,7 @@ class Batcher:
         now = time.monotonic()
         job = Job(handle, len(token_ids), self._loop.create_future(), now, [None] * len(token_ids))
         job.remaining = job.size
-        entries = [_Entry(job, i, ids, now) for i, ids in enumerate(token_ids)]
+        entries = [Entry(job, i, ids, now) for i, ids in enumerate(token_ids)]
         with self._cond:
             if self._stopping:
                 raise UnavailableError("The server is shutting down; retry on another replica.", 1)
@@ -130,7 +129,6 @@ class Batcher:
                     self._retry_after(),
                 )
             self._queue.extend(entries)
-            self._metrics.queue_depth.set(len(self._queue))
             self._cond.notify()
         return job
 
@@ -147,7 +145,6 @@ class Batcher:
             kept = [entry for entry in self._queue if entry.job is not job]
             dropped = len(self._queue) - len(kept)
             self._queue = kept
-            self._metrics.queue_depth.set(len(kept))
         return dropped
 
     def _retry_after(self) -> int:
@@ -169,8 +166,7 @@ class Batcher:
                 if idle:
                     self._wait_for_more()
                 batch = self._take_batch()
-                self._metrics.queue_depth.set(len(self._queue))
-            idle = False
+                idle = False
             if batch:
                 self._execute(batch)
 
@@ -189,30 +185,19 @@ class Batcher:
         longest = max(len(entry.token_ids) for entry in self._queue)
         return longest * len(self._queue) >= self._max_batch_tokens
 
-    def _take_batch(self) -> list[_Entry]:
-        """With the lock held: the oldest entry plus those nearest its length that fit every limit."""
-        head_len = len(self._queue[0].token_ids)
-        window = sorted(self._queue[: self._scan], key=lambda e: abs(len(e.token_ids) - head_len))
-        batch: list[_Entry] = []
-        adapters: set[tuple[str, str]] = set()
-        longest = 0
-        for entry in window:
-            if len(batch) == self._max_batch_size:
-                break
-            key = (entry.job.handle.adapter_id, entry.job.handle.version)
-            if key not in adapters and len(adapters) == self._engine.num_slots:
-                continue
-            padded = max(longest, len(entry.token_ids))
-            if batch and padded * (len(batch) + 1) > self._max_batch_tokens:
-                continue
-            batch.append(entry)
-            adapters.add(key)
-            longest = padded
+    def _take_batch(self) -> list[Entry]:
+        """With the lock held: remove and return the next batch."""
+        batch = take_batch(
+            self._queue[: self._scan],
+            max_batch_tokens=self._max_batch_tokens,
+            max_batch_size=self._max_batch_size,
+            max_adapters=self._engine.num_slots,
+        )
         taken = {id(entry) for entry in batch}
         self._queue = [entry for entry in self._queue if id(entry) not in taken]
         return batch
 
-    def _execute(self, batch: list[_Entry]) -> None:
+    def _execute(self, batch: list[Entry]) -> None:
         start = time.monotonic()
         try:
             slots = self._registry.slots_for([entry.job.handle for entry in batch])
@@ -237,7 +222,7 @@ class Batcher:
         if done:
             self._loop.call_soon_threadsafe(_finish, done)
 
-    def _observe(self, batch: list[_Entry], start: float, end: float) -> None:
+    def _observe(self, batch: list[Entry], start: float, end: float) -> None:
         m = self._metrics
         rows = len(batch)
         m.inference_seconds.observe(end - start)
@@ -249,12 +234,37 @@ class Batcher:
         rate = rows / max(end - start, 1e-6)
         self._rows_per_s = rate if self._rows_per_s == 0 else 0.8 * self._rows_per_s + 0.2 * rate
 
-    def _fail_batch(self, batch: list[_Entry], exc: Exception) -> None:
+    def _fail_batch(self, batch: list[Entry], exc: Exception) -> None:
         jobs = list({id(entry.job): entry.job for entry in batch}.values())
         dropped = sum(self._drop(job) for job in jobs)
         if dropped:
             self._metrics.dropped.labels("error").inc(dropped)
         self._loop.call_soon_threadsafe(_fail_all, jobs, exc)
+
+
+def take_batch(queue: list[Entry], *, max_batch_tokens: int, max_batch_size: int, max_adapters: int) -> list:
+    """The oldest entry plus the entries nearest its length that keep the batch within every limit.
+
+    Limits: rows <= max_batch_size, longest * rows <= max_batch_tokens (an entry longer than the
+    budget still runs, alone), distinct (adapter_id, version) <= max_adapters. `queue` is oldest first.
+    """
+    head_len = len(queue[0].token_ids)
+    batch: list[Entry] = []
+    adapters: set[tuple[str, str]] = set()
+    longest = 0
+    for entry in sorted(queue, key=lambda e: abs(len(e.token_ids) - head_len)):  # stable: oldest first
+        if len(batch) == max_batch_size:
+            break
+        key = (entry.job.handle.adapter_id, entry.job.handle.version)
+        if key not in adapters and len(adapters) == max_adapters:
+            continue
+        padded = max(longest, len(entry.token_ids))
+        if batch and padded * (len(batch) + 1) > max_batch_tokens:
+            continue
+        batch.append(entry)
+        adapters.add(key)
+        longest = padded
+    return batch
 
 
 def _finish(jobs: list[Job]) -> None:

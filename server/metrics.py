@@ -50,6 +50,9 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r,
         )  # fmt: skip
         self.queue_depth = Gauge("loraplex_queue_depth", "Inputs waiting for the engine.", registry=r)
+        self.in_flight = Gauge(
+            "loraplex_requests_in_flight", "Requests on work routes not yet answered.", registry=r
+        )
         self.inputs = Counter(
             "loraplex_inputs", "Inputs classified, by adapter (past the label limit: 'other').",
             ["adapter"], registry=r,
