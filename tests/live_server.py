@@ -24,8 +24,13 @@ def free_port() -> int:
 class LiveServer:
     """`loraplex serve` in a subprocess; `with LiveServer(...) as srv:` waits for /ready."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None, port: int | None = None,
-                 ready_timeout: float = 120.0):
+    def __init__(
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        port: int | None = None,
+        ready_timeout: float = 120.0,
+    ):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.args = list(args)
@@ -40,8 +45,21 @@ class LiveServer:
         fd, path = tempfile.mkstemp(prefix="loraplex-server-", suffix=".log")
         self.log_path = Path(path)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(self.port), *self.args],
-            cwd=REPO, env=self.env, stdout=fd, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "server",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                *self.args,
+            ],
+            cwd=REPO,
+            env=self.env,
+            stdout=fd,
+            stderr=subprocess.STDOUT,
         )
         os.close(fd)
         deadline = time.monotonic() + self.ready_timeout

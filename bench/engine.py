@@ -1,0 +1,117 @@
+"""Engine throughput on one 64-row batch of real tweets: bare model vs loraplex vs PEFT.
+
+    python bench/engine.py --model minilm --json bench/out/engine-minilm.json
+    python bench/engine.py --model bert-base
+
+(a) the bare Hugging Face model, no LoRA; (b) the loraplex engine with K distinct rank-8 adapters on every
+linear layer; (c) PEFT's mixed-batch inference (`adapter_names=`); (d) PEFT with `set_adapter` per
+sub-batch. All in one process on the same batch; figures are medians of sequences per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import median_seconds, model_dir, tweets  # noqa: E402
+
+ALL_LINEAR = ["query", "key", "value", "dense"]
+
+
+def peft_model_with_adapters(path: str, k: int, num_labels: int = 3):
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels).eval()
+    config = LoraConfig(
+        task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16, target_modules=ALL_LINEAR, init_lora_weights=False
+    )
+    model = get_peft_model(base, config, adapter_name="a0")
+    for i in range(1, k):
+        model.add_adapter(f"a{i}", config)
+    return model.eval()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="minilm", choices=["minilm", "bert-base"])
+    parser.add_argument("--rows", type=int, default=64)
+    parser.add_argument("--ks", default="1,8,64")
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+
+    from peft import get_peft_model_state_dict
+    from transformers import AutoModelForSequenceClassification
+
+    from adapters.peft import parse_adapter
+    from server.engine import Engine
+
+    path = model_dir(args.model)
+    ks = [int(k) for k in args.ks.split(",")]
+    texts = tweets(args.rows)
+    engine = Engine(path, device="cpu", num_slots=max(ks), max_rank=8)
+    ids = engine.tokenize(texts)
+    batch = engine.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+    tokens = int(batch["attention_mask"].sum())
+    print(f"model={args.model} rows={args.rows} padded_len={batch['input_ids'].shape[1]} tokens={tokens} "
+          f"threads={torch.get_num_threads()}")
+
+    peft = peft_model_with_adapters(path, max(ks))
+    for i in range(max(ks)):
+        state = get_peft_model_state_dict(peft, adapter_name=f"a{i}")
+        engine.load_slot(i, parse_adapter(peft.peft_config[f"a{i}"].to_dict(), state, engine.base, max_rank=8))
+
+    bare = AutoModelForSequenceClassification.from_pretrained(path, num_labels=3).eval()
+    results: dict[str, float] = {}
+
+    def run(name: str, fn) -> None:
+        with torch.inference_mode():
+            seconds = median_seconds(fn, args.reps)
+        results[name] = args.rows / seconds
+        print(f"  {name:<28} {results[name]:8.1f} seq/s", flush=True)
+
+    run("a: bare model", lambda: bare(**batch))
+    run("engine, no adapter", lambda: engine.classify(ids, [engine.empty_slot] * args.rows))
+    for k in ks:
+        slots = [i % k for i in range(args.rows)]
+        names = [f"a{s}" for s in slots]
+        run(f"b: engine K={k}", lambda slots=slots: engine.classify(ids, slots))
+        run(f"c: peft mixed K={k}", lambda names=names: peft(**batch, adapter_names=names))
+
+        def per_adapter(k=k, slots=slots):
+            for a in range(k):
+                rows = [i for i, s in enumerate(slots) if s == a]
+                peft.set_adapter(f"a{a}")
+                peft(**{key: v[rows] for key, v in batch.items()})
+
+        run(f"d: peft set_adapter K={k}", per_adapter)
+
+    print(f"\n{'K':>4} {'engine/bare':>12} {'engine/peft-mixed':>18} {'engine/peft-set':>16}")
+    ratios = {}
+    for k in ks:
+        e = results[f"b: engine K={k}"]
+        row = {
+            "engine_over_bare": e / results["a: bare model"],
+            "engine_over_peft_mixed": e / results[f"c: peft mixed K={k}"],
+            "engine_over_peft_set_adapter": e / results[f"d: peft set_adapter K={k}"],
+        }
+        ratios[k] = row
+        print(f"{k:>4} {row['engine_over_bare']:>12.2f} {row['engine_over_peft_mixed']:>18.2f} "
+              f"{row['engine_over_peft_set_adapter']:>16.2f}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"model": args.model, "rows": args.rows, "tokens": tokens,
+                                         "seq_per_s": results, "ratios": ratios}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
