@@ -1,0 +1,166 @@
+"""Auth, the batcher's wait, overload, disconnects and the SIGTERM drain, on one small real server.
+
+The server has tight limits (2 rows per batch, 16 queued inputs) so that queues form on purpose.
+Its last test stops it with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+
+from tests.live_server import LiveServer
+from tests.serving_support import LONG_TEXT, TEXTS, metrics, preload_args, reference, sample, scores_of
+
+API_KEY = "key-3b9f0c51e2d84a7f"
+ADMIN_TOKEN = "admin-c7d1a2e9f05b4368"
+AUTH = {"authorization": f"Bearer {API_KEY}"}
+MEDIUM_TEXT = " ".join(TEXTS * 3)  # a couple of hundred tokens
+
+
+@pytest.fixture(scope="module")
+def srv():
+    store = tempfile.mkdtemp(prefix="loraplex-limits-store-")
+    server = LiveServer(
+        "--adapter-store", store, "--max-batch-size", "2", "--max-queued", "16", "--max-client-batch", "16",
+        "--max-wait-ms", "400", "--drain-grace-s", "60", *preload_args(["sent", "topic"]),
+        env={"LORAPLEX_API_KEY": API_KEY, "LORAPLEX_ADMIN_TOKEN": ADMIN_TOKEN},
+    )  # fmt: skip
+    with server:
+        yield server
+
+
+def classify(srv, inputs, adapter="sent", headers=AUTH, timeout=120) -> httpx.Response:
+    body = {"adapter_id": adapter, "inputs": inputs}
+    return httpx.post(srv.url + "/classify", json=body, headers=headers, timeout=timeout)
+
+
+def wait_for(condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"authorization": "Bearer wrong"}, {"authorization": API_KEY}, {"authorization": f"Basic {API_KEY}"},
+     {"authorization": f"Bearer {API_KEY}x"}, {"authorization": "Bearer"}],
+    ids=["none", "wrong", "no-scheme", "basic", "longer", "empty"],
+)  # fmt: skip
+def test_inference_needs_the_api_key(srv, headers):
+    response = classify(srv, "hello", headers=headers)
+    assert response.status_code == 401
+    assert response.json()["error_type"] == "unauthorized"
+    assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_api_key_and_admin_token_both_allow_inference_and_reads(srv):
+    for token in (API_KEY, ADMIN_TOKEN):
+        headers = {"authorization": f"Bearer {token}"}
+        assert classify(srv, "hello", headers=headers).status_code == 200
+        assert httpx.get(srv.url + "/adapters", headers=headers).status_code == 200
+    assert httpx.get(srv.url + "/adapters").status_code == 401
+
+
+def test_adapter_writes_need_the_admin_token(srv):
+    for headers in ({}, AUTH):
+        assert httpx.delete(srv.url + "/adapters/topic", headers=headers).status_code == 401
+        assert httpx.put(srv.url + "/adapters/topic", headers=headers).status_code == 401
+    admin = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+    assert httpx.delete(srv.url + "/adapters/not-there", headers=admin).status_code == 404  # past auth
+
+
+def test_operations_routes_stay_open(srv):
+    for path in ("/health", "/ready", "/metrics"):
+        assert httpx.get(srv.url + path).status_code == 200
+
+
+def test_tokens_never_reach_the_log(srv):
+    classify(srv, "hello")
+    classify(srv, "hello", headers={"authorization": "Bearer wrong"})
+    log = srv.log()
+    assert API_KEY not in log and ADMIN_TOKEN not in log
+
+
+def test_idle_engine_waits_for_a_batch_to_fill_but_not_when_full(srv):
+    lone = classify(srv, "hello")
+    full = classify(srv, ["hello", "world"])  # --max-batch-size 2
+    assert int(lone.headers["x-queue-time"]) >= 350  # --max-wait-ms 400
+    assert int(full.headers["x-queue-time"]) < 350
+
+
+def test_overload_gets_429_with_retry_after_while_admitted_requests_succeed(srv):
+    ref = reference()
+    expected = torch.softmax(ref.logits("topic", TEXTS[:2]).double(), dim=-1)
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=srv.url, headers=AUTH, timeout=120) as client:
+            # Keep the engine busy with long rows, then send 48 requests of 2 inputs at once: far
+            # more than the 16 queued inputs allowed.
+            busy = asyncio.ensure_future(
+                client.post("/classify", json={"adapter_id": "sent", "inputs": [LONG_TEXT] * 2})
+            )
+            await asyncio.sleep(0.05)
+            body = {"adapter_id": "topic", "inputs": TEXTS[:2]}
+            responses = await asyncio.gather(*(client.post("/classify", json=body) for _ in range(48)))
+            return responses, await busy
+
+    responses, busy = asyncio.run(burst())
+    assert busy.status_code == 200
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) == {200, 429}, statuses
+    for response in responses:
+        if response.status_code == 429:
+            assert response.json()["error_type"] == "overloaded"
+            assert int(response.headers["retry-after"]) >= 1
+        else:
+            torch.testing.assert_close(
+                scores_of(response.json(), ref.labels["topic"]), expected, atol=1e-5, rtol=0
+            )
+    assert sample(metrics(srv.url), "loraplex_queue_depth") == 0
+    assert classify(srv, "hello").status_code == 200
+
+
+def test_disconnected_client_has_its_queued_inputs_dropped(srv):
+    before = sample(metrics(srv.url), "loraplex_dropped_inputs_total", reason="disconnect")
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        classify(srv, [LONG_TEXT] * 16, timeout=httpx.Timeout(10, read=0.3))
+    wait_for(lambda: sample(metrics(srv.url), "loraplex_dropped_inputs_total", reason="disconnect") > before)
+    wait_for(lambda: sample(metrics(srv.url), "loraplex_requests_in_flight") == 0)
+    samples = metrics(srv.url)
+    assert sample(samples, "loraplex_queue_depth") == 0
+    # Rows still queued never ran: the engine stopped spending time on a client that left.
+    assert sample(samples, "loraplex_dropped_inputs_total", reason="disconnect") - before >= 4
+    assert classify(srv, "hello").status_code == 200
+
+
+def test_sigterm_drains_accepted_requests_then_exits_0(srv):
+    ref = reference()
+    texts = [MEDIUM_TEXT, *TEXTS[:3]]
+    expected = torch.softmax(ref.logits("sent", texts).double(), dim=-1)
+    pool = ThreadPoolExecutor(4)
+    accepted = [pool.submit(classify, srv, texts) for _ in range(4)]  # 16 inputs: all fit in the queue
+    wait_for(lambda: sample(metrics(srv.url), "loraplex_requests_in_flight") == 4)
+
+    srv.signal(signal.SIGTERM)
+    wait_for(lambda: httpx.get(srv.url + "/ready").status_code == 503, timeout=5)
+    assert httpx.get(srv.url + "/ready").json()["error_type"] == "unavailable"
+    late = classify(srv, "hello")  # not accepted: refused at once, not queued behind the drain
+    assert late.status_code == 503 and late.json()["error_type"] == "unavailable"
+
+    for future in accepted:
+        response = future.result(timeout=120)
+        assert response.status_code == 200, response.text
+        torch.testing.assert_close(
+            scores_of(response.json(), ref.labels["sent"]), expected, atol=1e-5, rtol=0
+        )
+    assert srv.proc.wait(timeout=60) == 0
+    pool.shutdown()
