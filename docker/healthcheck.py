@@ -1,7 +1,8 @@
 """Container health probe: exit 0 when `GET /health` on this container's loraplex answers 200, else 1.
 
-Standard library only, so that it needs nothing beyond the image's Python. It reads the port the server
-was told to use (LORAPLEX_PORT) and always asks the loopback interface, whatever LORAPLEX_HOST is.
+`healthcheck.py /ready` probes readiness instead (model loaded and warm, not draining). Standard library
+only, so that it needs nothing beyond the image's Python. It reads the port the server was told to use
+(LORAPLEX_PORT) and always asks the loopback interface, whatever LORAPLEX_HOST is.
 """
 
 from __future__ import annotations
@@ -12,9 +13,13 @@ import urllib.error
 import urllib.request
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
+    path = argv[0] if argv else "/health"
+    if path not in ("/health", "/ready"):
+        print(f"usage: healthcheck.py [/health | /ready], not {path!r}", file=sys.stderr)
+        return 2
     port = os.environ.get("LORAPLEX_PORT", "8000")
-    url = f"http://127.0.0.1:{port}/health"
+    url = f"http://127.0.0.1:{port}{path}"
     try:
         # urlopen raises HTTPError (a URLError) for any 4xx/5xx answer
         with urllib.request.urlopen(url, timeout=3.0) as reply:
@@ -29,4 +34,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -199,7 +199,7 @@ def test_compose_scales_replicas_behind_nginx_on_one_store():
     # SIGTERM reaches the server and its drain ends before Docker kills it.
     assert server["init"] is True and server.get("stop_signal", "SIGTERM") == "SIGTERM"
     assert seconds(server["stop_grace_period"]) >= seconds(env["LORAPLEX_DRAIN_GRACE_S"]) + 5
-    assert server["healthcheck"]["test"] == ["CMD", "python", "/opt/loraplex/healthcheck.py"]
+    assert server["healthcheck"]["test"] == ["CMD", "python", "/opt/loraplex/healthcheck.py", "/ready"]
     assert server["deploy"]["replicas"] >= 2
 
 

@@ -7,8 +7,11 @@ a closed port, so reaching their ready state also shows a container needs no net
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +21,7 @@ import httpx
 import pytest
 import torch
 
-from tests.deploy_support import Nginx, free_port, image_env, render_nginx_template, upload
+from tests.deploy_support import REPO, Nginx, free_port, image_env, render_nginx_template, upload
 from tests.live_server import LiveServer
 from tests.peft_factory import peft_logits, save_peft_adapter
 
@@ -209,6 +212,15 @@ def test_errors_keep_the_api_shape_through_nginx(cluster):
     assert "x-loraplex-replica" in big.headers  # answered by a replica, not by nginx
     # The metrics the GPU autoscaler reads are there.
     assert "loraplex_queue_depth" in cluster.client.get(f"{cluster.nginx.url}/metrics").text
+
+
+def test_image_healthcheck_probes_a_live_replica(cluster):
+    probe = [sys.executable, str(REPO / "docker" / "healthcheck.py")]
+    env = {"PATH": os.environ["PATH"], "LORAPLEX_PORT": str(cluster.replicas["r1"].port)}
+    for args in ([], ["/ready"]):
+        result = subprocess.run(probe + args, env=env, capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+    assert subprocess.run([*probe, "/admin"], env=env, capture_output=True).returncode == 2
 
 
 def test_killing_a_replica_mid_load_loses_no_request(cluster):
