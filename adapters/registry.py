@@ -324,6 +324,7 @@ class Registry:
         """Forget cached versions of `adapter_id` other than `keep`; resident ones are evicted first."""
         with self._slot_lock:
             self._retired.update(k for k in self._slot_of if k[0] == adapter_id and k[1] != keep)
+            self._retired.discard((adapter_id, keep))  # re-uploaded content: current again
         for key in [k for k in self._host if k[0] == adapter_id and k[1] != keep]:
             del self._host[key]
 
