@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from adapters.errors import InvalidAdapterError, LoraplexError
 from adapters.registry import Registry
 from adapters.store import open_store
 from server.batcher import Batcher
@@ -85,7 +86,10 @@ async def _start(app: FastAPI) -> None:
             max_labels=s.max_labels,
         )
         for adapter_id, folder in s.preload_items():
-            record, _ = await registry.import_dir(adapter_id, folder)
+            try:
+                record, _ = await registry.import_dir(adapter_id, folder)
+            except LoraplexError as exc:
+                raise InvalidAdapterError(f"--preload {adapter_id}={folder}: {exc.message}") from exc
             log.info("preloaded adapter %s version %s from %s", adapter_id, record.version, folder)
         await asyncio.to_thread(engine.warmup)
     except Exception as exc:

@@ -1,0 +1,208 @@
+"""Serving throughput and latency: N closed-loop clients against a live `loraplex serve` with K adapters.
+
+    python bench/http.py --json bench/out/http.json       # 64 rank-8 all-linear adapters; 64 then 32 clients
+    python bench/http.py --adapters 4 --clients 4,2 --seconds 3 --warmup 1 --engine-reps 3   # a quick check
+
+Each client sends one real tweet per request, for an adapter drawn uniformly from the K, and sends the next
+request as soon as the answer arrives. Per load level: requests/s over `--seconds` (after `--warmup`), p50,
+p95 and p99 latency, and the mean batch the server formed (from its /metrics). In the same run, before the
+server starts: engine-only throughput on the same texts and adapters, one process, batches of
+`--max-batch-size` rows with every row for a different adapter (the best the batcher could ever form).
+The server/engine ratio is what HTTP, queueing and batching cost. Clients speak HTTP/1.1 over asyncio
+streams to keep their own CPU use small; they share the machine's cores with the server all the same.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# The repository, not bench/, first on the path: as a script, bench/http.py would shadow the stdlib's http.
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import json  # noqa: E402
+import random  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+from bench.common import median_seconds, tweets  # noqa: E402
+from tests.live_server import LiveServer  # noqa: E402
+
+ALL_LINEAR = ["query", "key", "value", "dense"]
+
+
+def make_adapters(root: Path, k: int, rank: int) -> list[Path]:
+    from tests.lifecycle_support import AdapterFactory
+
+    factory = AdapterFactory(r=rank, lora_alpha=2 * rank, target_modules=ALL_LINEAR)
+    return [factory.save(root / f"a{i}", seed=i) for i in range(k)]
+
+
+def engine_only(folders: list[Path], texts: list[str], rows: int, rank: int, reps: int) -> float:
+    """Rows per second of the engine alone on `rows`-row batches, each row for a different adapter."""
+    import torch
+    from safetensors.torch import load_file
+
+    from adapters.peft import parse_adapter
+    from server.engine import Engine
+
+    engine = Engine(num_slots=len(folders), max_rank=rank)
+    for slot, folder in enumerate(folders):
+        config = json.loads((folder / "adapter_config.json").read_text())
+        labels = json.loads((folder / "labels.json").read_text())
+        tensors = load_file(folder / "adapter_model.safetensors")
+        engine.load_slot(slot, parse_adapter(config, tensors, engine.base, labels=labels, max_rank=rank))
+    ids = engine.tokenize(texts)
+    batches = [
+        (
+            [ids[(start + i) % len(ids)] for i in range(rows)],
+            [(start + i) % len(folders) for i in range(rows)],
+        )
+        for start in range(0, len(ids), rows)
+    ]
+    position = 0
+
+    def one_batch() -> None:
+        nonlocal position
+        engine.classify(*batches[position % len(batches)])
+        position += 1
+
+    with torch.inference_mode():
+        seconds = median_seconds(one_batch, reps)
+    return rows / seconds
+
+
+async def closed_loop(port: int, clients: int, adapters: list[str], texts: list[str], warmup: float,
+                      seconds: float) -> tuple[list[float], int]:  # fmt: skip
+    """Latencies (s) of requests started inside the measuring window, and the number of failures."""
+    latencies: list[float] = []
+    failures = 0
+    start = time.perf_counter()
+    measure_from, stop_at = start + warmup, start + warmup + seconds
+
+    async def client(seed: int) -> None:
+        nonlocal failures
+        rng = random.Random(seed)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            while (began := time.perf_counter()) < stop_at:
+                body = json.dumps({"adapter_id": rng.choice(adapters), "inputs": rng.choice(texts)}).encode()
+                writer.write(
+                    b"POST /classify HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+                )
+                status = int((await reader.readline()).split()[1])
+                length = 0
+                while (line := await reader.readline()) not in (b"\r\n", b""):
+                    name, _, value = line.partition(b":")
+                    if name.lower() == b"content-length":
+                        length = int(value)
+                await reader.readexactly(length)
+                if began >= measure_from:
+                    latencies.append(time.perf_counter() - began)
+                    failures += status != 200
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(client(seed) for seed in range(clients)))
+    return latencies, failures
+
+
+def batch_stats(url: str) -> tuple[float, float]:
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values = {}
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
+        for sample in family.samples:
+            if sample.name in ("loraplex_batch_size_sum", "loraplex_batch_size_count"):
+                values[sample.name] = sample.value
+    return values.get("loraplex_batch_size_sum", 0.0), values.get("loraplex_batch_size_count", 0.0)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--adapters", type=int, default=64, help="K distinct adapters")
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--clients", default="64,32", help="load levels: concurrent closed-loop clients")
+    parser.add_argument("--seconds", type=float, default=30.0, help="measuring window per load level")
+    parser.add_argument("--warmup", type=float, default=5.0, help="unmeasured seconds before each window")
+    parser.add_argument("--max-batch-size", type=int, default=64)
+    parser.add_argument("--max-wait-ms", type=float, default=2.0)
+    parser.add_argument("--texts", type=int, default=512, help="distinct tweets to draw from")
+    parser.add_argument("--engine-reps", type=int, default=9)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    levels = [int(n) for n in args.clients.split(",")]
+
+    root = Path(tempfile.mkdtemp(prefix="loraplex-bench-http-"))
+    folders = make_adapters(root / "adapters", args.adapters, args.rank)
+    texts = tweets(args.texts)
+    engine_rows_per_s = engine_only(folders, texts, args.max_batch_size, args.rank, args.engine_reps)
+    print(f"adapters={args.adapters} rank={args.rank} all-linear, texts={len(texts)} tweets")
+    print(f"engine only: {engine_rows_per_s:.1f} rows/s in batches of {args.max_batch_size}", flush=True)
+
+    preload = [arg for i, folder in enumerate(folders) for arg in ("--preload", f"a{i}={folder}")]
+    server = LiveServer(
+        "--adapter-store", str(root / "store"), "--max-resident", str(args.adapters),
+        "--max-rank", str(args.rank), "--max-batch-size", str(args.max_batch_size),
+        "--max-wait-ms", str(args.max_wait_ms), "--max-queued", str(max(1024, 4 * max(levels))),
+        "--log-level", "warning", *preload,
+    )  # fmt: skip
+    results = []
+    with server:
+        names = [f"a{i}" for i in range(args.adapters)]
+        for clients in levels:
+            rows_before, batches_before = batch_stats(server.url)
+            latencies, failures = asyncio.run(
+                closed_loop(server.port, clients, names, texts, args.warmup, args.seconds)
+            )
+            rows_after, batches_after = batch_stats(server.url)
+            level = {
+                "clients": clients,
+                "requests": len(latencies),
+                "failures": failures,
+                "requests_per_s": len(latencies) / args.seconds,
+                "p50_ms": 1000 * statistics.median(latencies),
+                "p95_ms": 1000 * percentile(latencies, 0.95),
+                "p99_ms": 1000 * percentile(latencies, 0.99),
+                "mean_batch_rows": (rows_after - rows_before) / max(batches_after - batches_before, 1),
+            }
+            level["vs_engine_only"] = level["requests_per_s"] / engine_rows_per_s
+            level["p99_over_p50"] = level["p99_ms"] / level["p50_ms"]
+            results.append(level)
+            print(
+                f"clients={clients:<4} {level['requests_per_s']:7.1f} req/s  p50 {level['p50_ms']:7.1f} ms  "
+                f"p95 {level['p95_ms']:7.1f} ms  p99 {level['p99_ms']:7.1f} ms  "
+                f"batch {level['mean_batch_rows']:5.1f} rows  x{level['vs_engine_only']:.2f} of engine-only  "
+                f"failures {failures}",
+                flush=True,
+            )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        report = {
+            "adapters": args.adapters,
+            "rank": args.rank,
+            "target_modules": ALL_LINEAR,
+            "max_batch_size": args.max_batch_size,
+            "max_wait_ms": args.max_wait_ms,
+            "seconds": args.seconds,
+            "engine_only_rows_per_s": engine_rows_per_s,
+            "levels": results,
+        }
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 1 if any(level["failures"] for level in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
