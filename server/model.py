@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from server.lora import add_lora, add_lora_qkv
+from server.lora import add_lora_qkv, lora_linear
 
 # LoRA targets of one encoder layer: slot tensor name -> module path inside `encoder.layer.{i}`.
 LAYER_TARGETS = {
@@ -35,7 +35,7 @@ class SlotLinear(nn.Module):
         self.register_buffer("lora_B", torch.zeros(slots, out_features, r_max, dtype=dtype))
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, rank: int) -> torch.Tensor:
-        return add_lora(F.linear(x, self.weight, self.bias), x, self.lora_A, self.lora_B, idx, rank)
+        return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, idx, rank)
 
     def write(self, slot: int, lora_A: torch.Tensor | None, lora_B: torch.Tensor | None) -> None:
         """Put one adapter's `lora_A [r, in]` and scaled `lora_B [out, r]` in `slot`; None clears it."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.lora import add_lora, add_lora_qkv
+from server.lora import add_lora_qkv, lora_linear
 
 SLOTS, R_MAX, IN, OUT, BATCH, TOKENS = 16, 16, 24, 40, 12, 5
 
@@ -32,18 +32,23 @@ def reference(y, x, lora_A, lora_B, idx, rank):
 @pytest.mark.parametrize("kind", ["distinct", "uniform", "zipf", "identical"])
 @pytest.mark.parametrize("rank", [1, 8, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_add_lora_equals_loop(kind, rank, dtype):
+def test_lora_linear_equals_loop(kind, rank, dtype):
     g = torch.Generator().manual_seed(rank)
     idx = popularity(kind, g)
     x = torch.randn(BATCH, TOKENS, IN, generator=g, dtype=dtype)
-    y = torch.randn(BATCH, TOKENS, OUT, generator=g, dtype=dtype)
+    weight = torch.randn(OUT, IN, generator=g, dtype=dtype)
+    bias = torch.randn(OUT, generator=g, dtype=dtype)
     lora_A = torch.randn(SLOTS, R_MAX, IN, generator=g, dtype=dtype)
     lora_B = torch.randn(SLOTS, OUT, R_MAX, generator=g, dtype=dtype)
-    expected = reference(y, x, lora_A, lora_B, idx, rank)
-    got = add_lora(y.clone(), x, lora_A, lora_B, idx, rank)
+    base = x @ weight.T + bias
+    expected = reference(base, x, lora_A, lora_B, idx, rank)
+    got = lora_linear(x, weight, bias, lora_A, lora_B, idx, rank)
     tol = 1e-4 if dtype == torch.float32 else 1e-10
     assert torch.allclose(got, expected, atol=tol, rtol=tol)
-    assert not torch.allclose(got, y)  # the delta is really there
+    assert not torch.allclose(got, base)  # the delta is really there
+    # A strided input (the pooler reads only the first token of each row) gives the same rows.
+    got_first = lora_linear(x[:, :1], weight, bias, lora_A, lora_B, idx, rank)
+    assert torch.allclose(got_first, expected[:, :1], atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("kind", ["distinct", "uniform", "zipf", "identical"])
@@ -61,17 +66,17 @@ def test_add_lora_qkv_equals_three_loops(kind, rank):
         assert torch.allclose(got[:, :, j], expected, atol=1e-10)
 
 
-def test_rank_zero_is_a_no_op():
-    y = torch.randn(2, 3, OUT)
-    out = add_lora(
-        y.clone(),
-        torch.randn(2, 3, IN),
-        torch.randn(4, 2, IN),
-        torch.randn(4, OUT, 2),
-        torch.tensor([0, 1]),
-        0,
+def test_rank_zero_is_the_base_linear():
+    x, weight, bias = torch.randn(2, 3, IN), torch.randn(OUT, IN), torch.randn(OUT)
+    out = lora_linear(x, weight, bias, torch.randn(4, 2, IN), torch.randn(4, OUT, 2), torch.tensor([0, 1]), 0)
+    assert torch.equal(out, torch.nn.functional.linear(x, weight, bias))
+    y = torch.randn(2, 3, 3, OUT)
+    assert torch.equal(
+        add_lora_qkv(
+            y.clone(), x, torch.randn(4, 3, 2, IN), torch.randn(4, 3, OUT, 2), torch.tensor([0, 1]), 0
+        ),
+        y,
     )
-    assert torch.equal(out, y)
 
 
 def test_zero_padding_beyond_rank_is_exact():
@@ -83,6 +88,6 @@ def test_zero_padding_beyond_rank_is_exact():
     lora_A = torch.zeros(1, R_MAX, IN, dtype=torch.float64)
     lora_B = torch.zeros(1, OUT, R_MAX, dtype=torch.float64)
     lora_A[0, :2], lora_B[0, :, :2] = a, b
-    y = torch.zeros(1, TOKENS, OUT, dtype=torch.float64)
-    got = add_lora(y, x, lora_A, lora_B, torch.tensor([0]), R_MAX)
+    zero_w, zero_b = torch.zeros(OUT, IN, dtype=torch.float64), torch.zeros(OUT, dtype=torch.float64)
+    got = lora_linear(x, zero_w, zero_b, lora_A, lora_B, torch.tensor([0]), R_MAX)
     assert torch.allclose(got[0], x[0] @ a.T @ b.T, atol=1e-12)
