@@ -194,3 +194,10 @@ def test_adapter_label_cardinality_is_bounded(srv):
     }
     assert len(adapters - {"other"}) == 3  # --metrics-max-adapters 3
     assert "other" in adapters
+
+
+def test_openapi_documents_classify(srv):
+    schema = httpx.get(srv.url + "/openapi.json", timeout=10).json()
+    body = schema["paths"]["/classify"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert {"adapter_id", "inputs", "truncate", "raw_scores"} <= set(body["properties"])
+    assert httpx.get(srv.url + "/docs", timeout=10).status_code == 200

@@ -5,8 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from server import serve
@@ -139,16 +141,31 @@ def test_cli_bad_value_exits_2_without_traceback():
     assert "Traceback" not in result.stderr
 
 
-def test_preload_of_something_that_is_not_an_adapter_exits_2():
+def test_not_ready_while_loading_and_a_bad_preload_exits_2():
     folder = Path(tempfile.mkdtemp(prefix="loraplex-not-an-adapter-"))
     (folder / "adapter_config.json").write_text('{"peft_type": "LORA"}')
     (folder / "adapter_model.safetensors").write_bytes(b"\x80\x04pickle, not safetensors")
     store = tempfile.mkdtemp(prefix="loraplex-settings-store-")
-    result = subprocess.run(
-        [sys.executable, "-m", "server", "serve", "--port", str(free_port()), "--adapter-store", store,
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server", "serve", "--port", str(port), "--adapter-store", store,
          "--preload", f"broken={folder}"],
-        cwd=REPO, capture_output=True, text=True, timeout=180,
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    assert result.returncode == 2, result.stderr
-    assert "start-up failed" in result.stderr
-    assert "Traceback" not in result.stderr
+    url = f"http://127.0.0.1:{port}"
+    seen = set()
+    while proc.poll() is None:
+        try:
+            health = httpx.get(url + "/health", timeout=5)
+            ready = httpx.get(url + "/ready", timeout=5)
+            work = httpx.post(url + "/classify", json={"adapter_id": "broken", "inputs": "x"}, timeout=5)
+            seen.add((health.status_code, ready.status_code, ready.json()["error_type"], work.status_code))
+        except httpx.TransportError:
+            pass  # not listening yet, or gone
+        time.sleep(0.05)
+    stderr = proc.communicate(timeout=60)[1]
+    # Alive but not ready while the model loads; then the bad preload stops it with a message.
+    assert seen and seen <= {(200, 503, "unavailable", 503)}
+    assert proc.returncode == 2, stderr
+    assert f"start-up failed: --preload broken={folder}: " in stderr
+    assert "Traceback" not in stderr
