@@ -25,6 +25,7 @@ import random
 import shlex
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -275,7 +276,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     t.add_argument("--warmup-ratio", type=float, default=0.06, help="fraction of the steps spent warming up")
     t.add_argument("--weight-decay", type=float, default=0.01)
     t.add_argument("--seed", type=int, default=0, help="seeds the split, the head initialisation and dropout")
-    t.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    t.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cuda when available)")
     t.add_argument(
         "--bf16",
         action="store_true",
@@ -358,20 +359,34 @@ def train(
     from peft import LoraConfig, TaskType, get_peft_model
     from tqdm import tqdm
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
+    from transformers.utils import logging as transformers_logging
 
     model_dir = args.model or _default_model()
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise TrainingDataError(f"--device {args.device!r} is not a torch device; use cpu or cuda.") from None
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     label_ids = {lab: i for i, lab in enumerate(labels)}
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    base = AutoModelForSequenceClassification.from_pretrained(
-        model_dir,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id=label_ids,
-    )
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # the new head's "missing weights" report is expected
+    try:
+        base = AutoModelForSequenceClassification.from_pretrained(
+            model_dir,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id=label_ids,
+        )
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    limit = base.config.max_position_embeddings
+    if args.max_length > limit:
+        raise TrainingDataError(
+            f"--max-length {args.max_length} is over the model's maximum of {limit} tokens."
+        )
     targets = (
         args.target_modules
         if args.target_modules == "all-linear"
@@ -385,7 +400,9 @@ def train(
         target_modules=targets,
     )
     try:
-        model = get_peft_model(base, config).to(device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # deprecations between PEFT and transformers
+            model = get_peft_model(base, config).to(device)
     except ValueError as e:
         raise TrainingDataError(
             f"--target-modules {args.target_modules!r} does not fit the model: {e}"
@@ -405,6 +422,9 @@ def train(
 
     train_ids = encode(train_set.texts)
     lengths = [len(ids) for ids in train_ids]
+    cut = sum(n == args.max_length for n in lengths)
+    if cut > len(lengths) // 100:
+        print(f"{cut} training texts reach --max-length {args.max_length} and may be cut", file=sys.stderr)
     train_gold = torch.tensor([label_ids[lab] for lab in train_set.labels])  # [N]
     steps_per_epoch = math.ceil(len(train_ids) / args.batch_size)
     total_steps = args.max_steps or max(1, round(args.epochs * steps_per_epoch))

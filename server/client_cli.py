@@ -96,7 +96,7 @@ def adapters_table(infos: list[AdapterInfo]) -> str:
 
 def _clip(text: str, width: int = 60) -> str:
     text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def classification_table(answer: Classification, texts: list[str], raw_scores: bool) -> str:
