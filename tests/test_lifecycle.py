@@ -191,7 +191,7 @@ def test_more_hot_adapters_than_slots_zipf_traffic(client, tmp_path, reference):
     rng = random.Random(0)
     ids = list(folders)
     weights = [1 / (rank + 1) for rank in range(len(ids))]
-    picks = rng.choices(ids, weights=weights, k=240)
+    picks = rng.choices(ids, weights=weights, k=160)
 
     def ask(adapter_id: str) -> str | None:
         with httpx.Client(base_url=client.base_url, timeout=60) as own:

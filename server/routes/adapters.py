@@ -26,6 +26,36 @@ router = APIRouter(tags=["adapters"])
 # `:path` so that ids with '/' (e.g. traversal attempts) reach the allowlist check and get its 422.
 AdapterId = Annotated[str, Path(description="^[a-z0-9][a-z0-9._-]{0,63}$")]
 PARTS = ("adapter_config", "adapter_model", "labels")
+# The body is parsed by hand (streamed under the upload limit), so its schema is declared for /docs here.
+_UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["adapter_config", "adapter_model"],
+                    "properties": {
+                        "adapter_config": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "adapter_config.json",
+                        },
+                        "adapter_model": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "adapter_model.safetensors",
+                        },
+                        "labels": {
+                            "type": "string",
+                            "description": 'JSON array of label names, e.g. ["neg", "pos"]',
+                        },
+                    },
+                }
+            }
+        },
+    }
+}
 
 
 class AdapterInfo(BaseModel):
@@ -60,6 +90,7 @@ def _registry(request: Request) -> Registry:
     status_code=201,
     responses={200: {"model": AdapterInfo, "description": "replaced"}, **ERROR_RESPONSES},
     summary="Upload (create or replace) an adapter",
+    openapi_extra=_UPLOAD_BODY,
 )
 async def put_adapter(
     adapter_id: AdapterId, request: Request, response: Response, _: AdminAuth
