@@ -20,6 +20,7 @@ from tests.live_server import LiveServer
 from tests.test_store import assert_consistent
 
 STALENESS_S = 1.0
+MARGIN_S = 1.5  # request latency on a loaded machine, on top of the bound
 PARTS = {"adapter_config": "json", "adapter_model": "safetensors"}
 ATOL = 1e-5
 
@@ -103,13 +104,13 @@ def test_replacement_and_deletion_reach_the_other_replica_within_the_bound(
         seen.append((version, logits))
         return version == new_version
 
-    assert poll_until(b_has_new, STALENESS_S + 1.0) <= STALENESS_S + 1.0
+    assert poll_until(b_has_new, STALENESS_S + MARGIN_S) <= STALENESS_S + MARGIN_S
     for version, logits in seen:
         torch.testing.assert_close(logits, expected[version], atol=ATOL, rtol=0)
 
     assert a.delete("/adapters/moving").status_code == 204
     gone = lambda: b.post("/classify", json={"adapter_id": "moving", "inputs": "x"}).status_code == 404  # noqa: E731
-    poll_until(gone, STALENESS_S + 1.0)
+    poll_until(gone, STALENESS_S + MARGIN_S)
     assert b.get("/adapters/moving").status_code == 404
 
 
@@ -186,8 +187,8 @@ def test_sigkill_mid_upload_then_restart_keeps_every_adapter(
     final = assert_consistent(DirectoryStore(store_dir), "crashy")
     candidates = {versions["crashy"]: folders["crashy"], _version_of(newer): newer}
     assert final.version in candidates
-    got = poll_until(lambda: raw_logits(a, "crashy", TEXTS)[0] == final.version, STALENESS_S + 1.0)
-    assert got <= STALENESS_S + 1.0
+    got = poll_until(lambda: raw_logits(a, "crashy", TEXTS)[0] == final.version, STALENESS_S + MARGIN_S)
+    assert got <= STALENESS_S + MARGIN_S
     torch.testing.assert_close(
         raw_logits(a, "crashy", TEXTS)[1],
         reference.logits(candidates[final.version], TEXTS),
