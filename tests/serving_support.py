@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import torch
 from prometheus_client.parser import text_string_to_metric_families
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from adapters.peft import parse_adapter
 from server.engine import Engine
@@ -46,6 +46,16 @@ def adapter_dirs() -> dict[str, Path]:
     """The PEFT adapters of ADAPTER_SPECS, saved once per test process."""
     root = Path(tempfile.mkdtemp(prefix="loraplex-serving-adapters-"))
     return {name: save_peft_adapter(root / name, **spec) for name, spec in ADAPTER_SPECS.items()}
+
+
+@lru_cache(maxsize=1)
+def overflowing_adapter() -> Path:
+    """A PEFT adapter with finite weights (lora_B ~1e30) whose activations overflow float32."""
+    folder = save_peft_adapter(Path(tempfile.mkdtemp(prefix="loraplex-overflow-")) / "overflow", seed=9)
+    path = folder / "adapter_model.safetensors"
+    tensors = {k: v * 1e30 if "lora_B" in k else v for k, v in load_file(path).items()}
+    save_file(tensors, path)
+    return folder
 
 
 def preload_args(names: list[str] | None = None) -> list[str]:
@@ -109,11 +119,11 @@ def sample(samples: dict, name: str, **labels: str) -> float:
 
 @lru_cache(maxsize=1)
 def main_server() -> LiveServer:
-    """One server for test_serving.py and test_bad_input.py: six adapters, only four engine slots."""
+    """One server for test_serving.py and test_bad_input.py: seven adapters, only four engine slots."""
     store = tempfile.mkdtemp(prefix="loraplex-serving-store-")
     server = LiveServer(
         "--adapter-store", store, "--max-resident", "4", "--metrics-max-adapters", "3",
-        "--max-body-bytes", "262144", *preload_args(),
+        "--max-body-bytes", "262144", *preload_args(), "--preload", f"overflow={overflowing_adapter()}",
     )  # fmt: skip
     server.start()
     atexit.register(server.stop)

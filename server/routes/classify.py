@@ -10,7 +10,13 @@ import torch
 from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
 
-from adapters.errors import BadRequestError, InvalidInputError, UnavailableError, UnsupportedMediaError
+from adapters.errors import (
+    BadRequestError,
+    InvalidAdapterError,
+    InvalidInputError,
+    UnavailableError,
+    UnsupportedMediaError,
+)
 from server.auth import ApiKeyAuth
 from server.batcher import Batcher, Job
 from server.errors import describe_validation, error_response
@@ -69,15 +75,15 @@ async def classify(request: Request, _auth: ApiKeyAuth) -> Response:
     if outcome == "timeout":
         raise _timed_out(settings.request_timeout_s)
 
-    state.metrics.inputs.labels(state.metrics.adapter_label(handle.adapter_id)).inc(len(texts))
     content = json.dumps(
         {
             "adapter_id": handle.adapter_id,
             "adapter_version": handle.version,
-            "results": _results(job, handle.labels, body.raw_scores),
+            "results": _results(job, handle, body.raw_scores),
         },
         allow_nan=False,
     )
+    state.metrics.inputs.labels(state.metrics.adapter_label(handle.adapter_id)).inc(len(texts))
     headers = {
         "x-tokenization-time": _ms(tokenized - tokenize_started),
         "x-queue-time": _ms(job.queue_seconds),
@@ -144,8 +150,15 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-def _results(job: Job, labels: tuple[str, ...], raw_scores: bool) -> list[dict]:
+def _results(job: Job, handle, raw_scores: bool) -> list[dict]:
     logits = torch.stack(job.logits)  # [inputs, num_labels]
+    if not torch.isfinite(logits).all():
+        # Finite weights can still overflow float32; the adapter, not the request, has to change.
+        raise InvalidAdapterError(
+            f"Adapter {handle.adapter_id!r} (version {handle.version}) gives non-finite scores for these "
+            "inputs: its weights overflow float32. Upload a corrected adapter."
+        )
+    labels = handle.labels
     values = logits if raw_scores else torch.softmax(logits, dim=-1)
     best = values.argmax(dim=-1).tolist()
     return [
