@@ -338,8 +338,8 @@ def load_data(args: argparse.Namespace) -> tuple[Examples, Examples | None, list
 
 
 def _batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
-    """One epoch of shuffled batches of similar-length rows (less padding, same randomness per epoch):
-    shuffle, sort windows of 64 batches by length, cut them into batches, shuffle the batches."""
+    """One epoch of batches of similar-length rows, for less padding: shuffle, sort windows of 64 batches
+    by length, cut them into batches, shuffle the batches. The order depends only on `rng`."""
     order = list(range(len(lengths)))
     rng.shuffle(order)
     window = 64 * batch_size
