@@ -18,7 +18,7 @@ import logging
 import math
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -33,12 +33,11 @@ class Job:
     """One request: its inputs' rows and, once `future` is done, their logits in input order."""
 
     handle: object  # adapters.registry.AdapterHandle: the version every row of this job uses
-    size: int
     future: asyncio.Future
     enqueued_at: float
-    logits: list[torch.Tensor | None] = field(default_factory=list)  # [num_labels] per input
+    logits: list[torch.Tensor | None]  # [num_labels] per input, filled in by the worker
     # Worker-thread bookkeeping; the event loop reads it only after `future` is done.
-    remaining: int = 0
+    remaining: int
     started_at: float | None = None  # start of the first batch that ran one of its rows
     finished_at: float | None = None
     closed: bool = False  # cancelled or failed: queued rows are gone, late results are ignored
@@ -49,7 +48,7 @@ class Job:
 
     @property
     def inference_seconds(self) -> float:
-        return (self.finished_at or 0.0) - (self.started_at or 0.0)
+        return (self.finished_at or self.enqueued_at) - (self.started_at or self.enqueued_at)
 
 
 @dataclass(eq=False)
@@ -57,7 +56,6 @@ class Entry:
     job: Job
     index: int  # position of this input in its request
     token_ids: list[int]
-    enqueued_at: float
 
 
 class Batcher:
@@ -115,10 +113,9 @@ class Batcher:
     def submit(self, token_ids: list[list[int]], handle) -> Job:
         """Queue one entry per input, all or none; raises OverloadedError past `max_queued`."""
         assert self._loop is not None, "start() first"
-        now = time.monotonic()
-        job = Job(handle, len(token_ids), self._loop.create_future(), now, [None] * len(token_ids))
-        job.remaining = job.size
-        entries = [Entry(job, i, ids, now) for i, ids in enumerate(token_ids)]
+        n = len(token_ids)
+        job = Job(handle, self._loop.create_future(), time.monotonic(), [None] * n, remaining=n)
+        entries = [Entry(job, i, ids) for i, ids in enumerate(token_ids)]
         with self._cond:
             if self._stopping:
                 raise UnavailableError("The server is shutting down; retry on another replica.", 1)
@@ -165,7 +162,7 @@ class Batcher:
                     self._cond.wait()
                 if idle:
                     self._wait_for_more()
-                batch = self._take_batch()
+                batch = self._take_batch() if self._queue else []  # all cancelled while waiting
                 idle = False
             if batch:
                 self._execute(batch)
@@ -230,7 +227,7 @@ class Batcher:
         m.batch_tokens.observe(rows * max(len(entry.token_ids) for entry in batch))
         m.batch_adapters.observe(len({(e.job.handle.adapter_id, e.job.handle.version) for e in batch}))
         for entry in batch:
-            m.queue_seconds.observe(start - entry.enqueued_at)
+            m.queue_seconds.observe(start - entry.job.enqueued_at)
         rate = rows / max(end - start, 1e-6)
         self._rows_per_s = rate if self._rows_per_s == 0 else 0.8 * self._rows_per_s + 0.2 * rate
 
@@ -242,7 +239,9 @@ class Batcher:
         self._loop.call_soon_threadsafe(_fail_all, jobs, exc)
 
 
-def take_batch(queue: list[Entry], *, max_batch_tokens: int, max_batch_size: int, max_adapters: int) -> list:
+def take_batch(
+    queue: list[Entry], *, max_batch_tokens: int, max_batch_size: int, max_adapters: int
+) -> list[Entry]:
     """The oldest entry plus the entries nearest its length that keep the batch within every limit.
 
     Limits: rows <= max_batch_size, longest * rows <= max_batch_tokens (an entry longer than the

@@ -11,8 +11,8 @@ def queue(*rows: tuple[str, int]) -> list[Entry]:
     entries = []
     for i, (adapter_id, length) in enumerate(rows):
         handle = AdapterHandle(adapter_id, "v1", ("a", "b"), weights=None)
-        job = Job(handle, 1, future=None, enqueued_at=float(i))
-        entries.append(Entry(job, 0, list(range(length)), float(i)))
+        job = Job(handle, future=None, enqueued_at=float(i), logits=[None], remaining=1)
+        entries.append(Entry(job, 0, list(range(length))))
     return entries
 
 

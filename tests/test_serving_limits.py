@@ -129,6 +129,15 @@ def test_overload_gets_429_with_retry_after_while_admitted_requests_succeed(srv)
     assert classify(srv, "hello").status_code == 200
 
 
+def test_client_leaving_while_the_idle_engine_waits_does_not_stall_it(srv):
+    before = sample(metrics(srv.url), "loraplex_dropped_inputs_total", reason="disconnect")
+    with pytest.raises(httpx.ReadTimeout):  # gone within the 400 ms the idle engine waits for more rows
+        classify(srv, "hello", timeout=httpx.Timeout(10, read=0.1))
+    wait_for(lambda: sample(metrics(srv.url), "loraplex_dropped_inputs_total", reason="disconnect") > before)
+    time.sleep(0.5)  # let the wait run out with nothing left to batch
+    assert classify(srv, "hello", timeout=20).status_code == 200
+
+
 def test_disconnected_client_has_its_queued_inputs_dropped(srv):
     before = sample(metrics(srv.url), "loraplex_dropped_inputs_total", reason="disconnect")
     with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
