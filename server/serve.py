@@ -17,7 +17,7 @@ from types import FrameType
 import uvicorn
 
 from adapters.errors import LoraplexError
-from server.settings import SettingsError, load_settings
+from server.settings import SettingsError, build_parser, load_settings
 
 log = logging.getLogger("loraplex.serve")
 
@@ -25,8 +25,6 @@ log = logging.getLogger("loraplex.serve")
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] in (["-h"], ["--help"]):
-        from server.settings import build_parser
-
         build_parser().print_help()
         return 0
     try:
