@@ -31,6 +31,7 @@ import time  # noqa: E402
 
 from bench.common import median_seconds, tweets  # noqa: E402
 from tests.live_server import LiveServer  # noqa: E402
+from tests.serving_support import metrics, sample  # noqa: E402
 
 ALL_LINEAR = ["query", "key", "value", "dense"]
 
@@ -121,20 +122,9 @@ async def closed_loop(port: int, clients: int, adapters: list[str], texts: list[
 
 
 def batch_stats(url: str) -> tuple[float, float]:
-    import httpx
-    from prometheus_client.parser import text_string_to_metric_families
-
-    values = {}
-    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
-        for sample in family.samples:
-            if sample.name in ("loraplex_batch_size_sum", "loraplex_batch_size_count"):
-                values[sample.name] = sample.value
-    return values.get("loraplex_batch_size_sum", 0.0), values.get("loraplex_batch_size_count", 0.0)
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+    """Rows and batches the server has run so far."""
+    samples = metrics(url)
+    return sample(samples, "loraplex_batch_size_sum"), sample(samples, "loraplex_batch_size_count")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,14 +167,15 @@ def main(argv: list[str] | None = None) -> int:
                 closed_loop(server.port, clients, names, texts, args.warmup, args.seconds)
             )
             rows_after, batches_after = batch_stats(server.url)
+            percentiles = statistics.quantiles(latencies, n=100)
             level = {
                 "clients": clients,
                 "requests": len(latencies),
                 "failures": failures,
                 "requests_per_s": len(latencies) / args.seconds,
                 "p50_ms": 1000 * statistics.median(latencies),
-                "p95_ms": 1000 * percentile(latencies, 0.95),
-                "p99_ms": 1000 * percentile(latencies, 0.99),
+                "p95_ms": 1000 * percentiles[94],
+                "p99_ms": 1000 * percentiles[98],
                 "mean_batch_rows": (rows_after - rows_before) / max(batches_after - batches_before, 1),
             }
             level["vs_engine_only"] = level["requests_per_s"] / engine_rows_per_s
