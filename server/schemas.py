@@ -13,7 +13,7 @@ class ClassifyRequest(BaseModel):
     # strict: `"inputs": 5` or `"truncate": "yes"` is a client error, not something to coerce.
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    adapter_id: str = Field(description="the adapter (task) to classify with")
+    adapter_id: str = Field(max_length=64, description="the adapter (task) to classify with")
     inputs: str | list[str] = Field(description="one text, or a list of 1..max_client_batch texts")
     truncate: bool = Field(True, description="cut texts longer than the model maximum; false: 422 instead")
     raw_scores: bool = Field(False, description="true: logits; false: softmax probabilities")

@@ -86,6 +86,8 @@ CASES = [
     case("unknown-adapter", body(adapter_id="nope"), 404, "not_found"),
     case("adapter-id-traversal", body(adapter_id="../../etc/passwd"), 404, "not_found"),
     case("adapter-id-empty", body(adapter_id=""), 404, "not_found"),
+    case("adapter-id-lone-surrogate", b'{"adapter_id": "\\ud800", "inputs": "x"}', 422, "validation"),
+    case("adapter-id-huge", body(adapter_id="a" * 100000), 422, "validation"),
     case("text-plain", body(), 415, "unsupported_media_type", headers={"content-type": "text/plain"}),
     case(
         "form-encoded",
