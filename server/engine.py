@@ -147,8 +147,8 @@ class Engine:
             for part, name in enumerate(QKV):
                 layer.qkv.write(slot, part, *parts(f"encoder.layer.{i}.{name}"))
             for attr, name in LAYER_TARGETS.items():
-                getattr(layer, attr).write(slot, *parts(f"encoder.layer.{i}.{name}"))
-        model.pooler.write(slot, *parts("pooler.dense"))
+                getattr(layer, attr).write(slot, 0, *parts(f"encoder.layer.{i}.{name}"))
+        model.pooler.write(slot, 0, *parts("pooler.dense"))
         model.head_weight[slot].zero_()
         model.head_bias[slot].zero_()
         if adapter is not None:

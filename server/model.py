@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from server.lora import add_lora_qkv, lora_linear
+from server.lora import lora_linear
 
 # LoRA targets of one encoder layer: slot tensor name -> module path inside `encoder.layer.{i}`.
 LAYER_TARGETS = {
@@ -23,55 +23,37 @@ QKV = ("attention.self.query", "attention.self.key", "attention.self.value")
 
 
 class SlotLinear(nn.Module):
-    """A frozen linear layer plus `slots` LoRA deltas, one chosen per row."""
+    """Frozen linear layers that read one input, fused into one matmul, plus `slots` LoRA deltas.
 
-    def __init__(self, linear: nn.Linear, slots: int, r_max: int, dtype: torch.dtype):
+    `parts` linears of equal shape (query, key and value; or a single one) are concatenated along the
+    output; each part's LoRA sits in its own block of a block-diagonal `lora_B`, so one gathered shrink
+    and one gathered expand serve them all.
+    """
+
+    def __init__(self, linears: list[nn.Linear], slots: int, r_max: int, dtype: torch.dtype):
         super().__init__()
-        out_features, in_features = linear.weight.shape
-        self.weight = nn.Parameter(linear.weight.detach().to(dtype), requires_grad=False)  # [out, in]
-        self.bias = nn.Parameter(linear.bias.detach().to(dtype), requires_grad=False)  # [out]
-        # [slots, r_max, in] and [slots, out, r_max]
-        self.register_buffer("lora_A", torch.zeros(slots, r_max, in_features, dtype=dtype))
-        self.register_buffer("lora_B", torch.zeros(slots, out_features, r_max, dtype=dtype))
+        self.parts = len(linears)
+        self.part_out, in_features = linears[0].weight.shape
+        weight = torch.cat([lin.weight.detach() for lin in linears]).to(dtype)  # [parts * out, in]
+        bias = torch.cat([lin.bias.detach() for lin in linears]).to(dtype)  # [parts * out]
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = nn.Parameter(bias, requires_grad=False)
+        # [slots, parts, r_max, in] and [slots, parts * out, parts, r_max]
+        self.register_buffer("lora_A", torch.zeros(slots, self.parts, r_max, in_features, dtype=dtype))
+        self.register_buffer("lora_B", torch.zeros(slots, weight.shape[0], self.parts, r_max, dtype=dtype))
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, rank: int) -> torch.Tensor:
         return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, idx, rank)
 
-    def write(self, slot: int, lora_A: torch.Tensor | None, lora_B: torch.Tensor | None) -> None:
-        """Put one adapter's `lora_A [r, in]` and scaled `lora_B [out, r]` in `slot`; None clears it."""
-        self.lora_A[slot].zero_()
-        self.lora_B[slot].zero_()
-        if lora_A is not None:
-            r = lora_A.shape[0]
-            self.lora_A[slot, :r].copy_(lora_A)
-            self.lora_B[slot, :, :r].copy_(lora_B)
-
-
-class SlotQKV(nn.Module):
-    """Query, key and value as one fused frozen projection with per-slot LoRA deltas."""
-
-    def __init__(self, linears: list[nn.Linear], slots: int, r_max: int, dtype: torch.dtype):
-        super().__init__()
-        out_features, in_features = linears[0].weight.shape
-        weight = torch.cat([lin.weight.detach() for lin in linears]).to(dtype)  # [3 * out, in]
-        bias = torch.cat([lin.bias.detach() for lin in linears]).to(dtype)  # [3 * out]
-        self.weight = nn.Parameter(weight, requires_grad=False)
-        self.bias = nn.Parameter(bias, requires_grad=False)
-        self.register_buffer("lora_A", torch.zeros(slots, 3, r_max, in_features, dtype=dtype))
-        self.register_buffer("lora_B", torch.zeros(slots, 3, out_features, r_max, dtype=dtype))
-
-    def forward(self, x: torch.Tensor, idx: torch.Tensor, rank: int) -> torch.Tensor:
-        batch, tokens, _ = x.shape
-        y = F.linear(x, self.weight, self.bias).view(batch, tokens, 3, -1)  # [B, T, 3, out]
-        return add_lora_qkv(y, x, self.lora_A, self.lora_B, idx, rank)
-
     def write(self, slot: int, part: int, lora_A: torch.Tensor | None, lora_B: torch.Tensor | None) -> None:
+        """Put one part's `lora_A [r, in]` and scaled `lora_B [out, r]` in `slot`; None clears the part."""
+        rows = slice(part * self.part_out, (part + 1) * self.part_out)
         self.lora_A[slot, part].zero_()
-        self.lora_B[slot, part].zero_()
+        self.lora_B[slot, rows, part].zero_()
         if lora_A is not None:
             r = lora_A.shape[0]
             self.lora_A[slot, part, :r].copy_(lora_A)
-            self.lora_B[slot, part, :, :r].copy_(lora_B)
+            self.lora_B[slot, rows, part, :r].copy_(lora_B)
 
 
 class EncoderLayer(nn.Module):
@@ -79,17 +61,17 @@ class EncoderLayer(nn.Module):
         super().__init__()
         attn = layer.attention
         self.heads = config.num_attention_heads
-        self.qkv = SlotQKV([attn.self.query, attn.self.key, attn.self.value], slots, r_max, dtype)
-        self.attn_out = SlotLinear(attn.output.dense, slots, r_max, dtype)
+        self.qkv = SlotLinear([attn.self.query, attn.self.key, attn.self.value], slots, r_max, dtype)
+        self.attn_out = SlotLinear([attn.output.dense], slots, r_max, dtype)
         self.attn_norm = attn.output.LayerNorm.to(dtype)
-        self.inter = SlotLinear(layer.intermediate.dense, slots, r_max, dtype)
+        self.inter = SlotLinear([layer.intermediate.dense], slots, r_max, dtype)
         self.act = ACT2FN[config.hidden_act]
-        self.out = SlotLinear(layer.output.dense, slots, r_max, dtype)
+        self.out = SlotLinear([layer.output.dense], slots, r_max, dtype)
         self.out_norm = layer.output.LayerNorm.to(dtype)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, idx: torch.Tensor, rank: int) -> torch.Tensor:
         batch, tokens, hidden = x.shape
-        qkv = self.qkv(x, idx, rank)  # [B, T, 3, hidden]
+        qkv = self.qkv(x, idx, rank)  # [B, T, 3 * hidden]
         q, k, v = qkv.view(batch, tokens, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, T, d]
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, T, d]
         ctx = ctx.transpose(1, 2).reshape(batch, tokens, hidden)
@@ -107,7 +89,7 @@ class MultiLoraBert(nn.Module):
         self.layers = nn.ModuleList(
             EncoderLayer(layer, config, slots, r_max, dtype) for layer in bert.encoder.layer
         )
-        self.pooler = SlotLinear(bert.pooler.dense, slots, r_max, dtype)
+        self.pooler = SlotLinear([bert.pooler.dense], slots, r_max, dtype)
         self.register_buffer("head_weight", torch.zeros(slots, max_labels, config.hidden_size, dtype=dtype))
         self.register_buffer("head_bias", torch.zeros(slots, max_labels, dtype=dtype))  # [slots, labels]
         self.requires_grad_(False)
