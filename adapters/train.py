@@ -32,6 +32,7 @@ from pathlib import Path
 DATA_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
 SCHEDULES = ("linear", "cosine", "constant")
 EMBEDDED_MODEL = "all-MiniLM-L6-v2 (embedded)"
+EMBEDDED_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what the embedded weights are
 
 
 class TrainingDataError(ValueError):
@@ -407,6 +408,9 @@ def train(
         raise TrainingDataError(
             f"--target-modules {args.target_modules!r} does not fit the model: {e}"
         ) from None
+
+    if args.model is None:  # name the base by its hub id, not by this machine's install path
+        model.peft_config["default"].base_model_name_or_path = EMBEDDED_HUB_ID
 
     def encode(texts: list[str]) -> list[list[int]]:
         return tokenizer(texts, truncation=True, max_length=args.max_length)["input_ids"]

@@ -191,6 +191,7 @@ def test_output_is_a_peft_adapter_with_labels_and_metrics(trained):
     out, val_texts, val_labels = trained
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["task_type"] == "SEQ_CLS" and config["r"] == 4
+    assert config["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
     assert json.loads((out / "labels.json").read_text()) == LABELS
     tensors = load_file(out / "adapter_model.safetensors")
     lora_b = [t for name, t in tensors.items() if "lora_B" in name]
