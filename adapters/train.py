@@ -512,7 +512,8 @@ def train(
         report["validation"] = classification_metrics(gold, pred, labels)
 
     out = Path(args.output)
-    model.save_pretrained(out)
+    # Embeddings are never trained here; "auto" would look the base model up on the hub to decide.
+    model.save_pretrained(out, save_embedding_layers=False)
     (out / "labels.json").write_text(json.dumps(labels) + "\n")
     return report
 

@@ -7,6 +7,7 @@ import csv
 import importlib.util
 import json
 import random
+import warnings
 from pathlib import Path
 
 import pytest
@@ -183,7 +184,11 @@ def trained(tmp_path_factory) -> tuple[Path, list[str], list[str]]:
         "--validation-file", str(val), "--max-steps", "4", "--batch-size", "16", "--max-length", "48",
         "--rank", "4", "--target-modules", "query,key,value,dense", "--learning-rate", "2e-3",
     ]  # fmt: skip
-    assert main(args) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(args) == 0
+    lookups = [m for m in map(str, (w.message for w in caught)) if "remote" in m or "config file" in m]
+    assert not lookups, f"training must not look anything up on a model hub: {lookups}"
     return out, [r["text"] for r in val_rows], [r["sentiment"] for r in val_rows]
 
 
