@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[0] = str(REPO)  # not bench/: its http.py would shadow the standard library's http package
+sys.path[0] = str(REPO)  # the repository, not bench/, so that `adapters` imports as a package
 
 from adapters.train import choose_labels, classification_metrics, read_examples, split_examples  # noqa: E402
 

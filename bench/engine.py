@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# The repository, not bench/, first on the path, so that `bench` and `tests` import as packages.
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from bench.common import median_seconds, model_dir, tweets  # noqa: E402
 
@@ -40,7 +41,9 @@ def peft_model_with_adapters(path: str, k: int, num_labels: int = 3):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="minilm", choices=["minilm", "bert-base"])
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--ks", default="1,8,64")
@@ -61,13 +64,17 @@ def main(argv: list[str] | None = None) -> int:
     ids = engine.tokenize(texts)
     batch = engine.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
     tokens = int(batch["attention_mask"].sum())
-    print(f"model={args.model} rows={args.rows} padded_len={batch['input_ids'].shape[1]} tokens={tokens} "
-          f"threads={torch.get_num_threads()}")
+    print(
+        f"model={args.model} rows={args.rows} padded_len={batch['input_ids'].shape[1]} tokens={tokens} "
+        f"threads={torch.get_num_threads()}"
+    )
 
     peft = peft_model_with_adapters(path, max(ks))
     for i in range(max(ks)):
         state = get_peft_model_state_dict(peft, adapter_name=f"a{i}")
-        engine.load_slot(i, parse_adapter(peft.peft_config[f"a{i}"].to_dict(), state, engine.base, max_rank=8))
+        engine.load_slot(
+            i, parse_adapter(peft.peft_config[f"a{i}"].to_dict(), state, engine.base, max_rank=8)
+        )
 
     bare = AutoModelForSequenceClassification.from_pretrained(path, num_labels=3).eval()
     results: dict[str, float] = {}
@@ -104,12 +111,24 @@ def main(argv: list[str] | None = None) -> int:
             "engine_over_peft_set_adapter": e / results[f"d: peft set_adapter K={k}"],
         }
         ratios[k] = row
-        print(f"{k:>4} {row['engine_over_bare']:>12.2f} {row['engine_over_peft_mixed']:>18.2f} "
-              f"{row['engine_over_peft_set_adapter']:>16.2f}")
+        print(
+            f"{k:>4} {row['engine_over_bare']:>12.2f} {row['engine_over_peft_mixed']:>18.2f} "
+            f"{row['engine_over_peft_set_adapter']:>16.2f}"
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"model": args.model, "rows": args.rows, "tokens": tokens,
-                                         "seq_per_s": results, "ratios": ratios}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "model": args.model,
+                    "rows": args.rows,
+                    "tokens": tokens,
+                    "seq_per_s": results,
+                    "ratios": ratios,
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

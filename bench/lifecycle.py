@@ -25,7 +25,8 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# The repository, not bench/, first on the path, so that `bench` and `tests` import as packages.
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from bench.common import tweets  # noqa: E402
 from tests.lifecycle_support import AdapterFactory  # noqa: E402

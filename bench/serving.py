@@ -1,7 +1,7 @@
 """Serving throughput and latency: N closed-loop clients against a live `loraplex serve` with K adapters.
 
-    python bench/http.py --json bench/out/http.json       # 64 rank-8 all-linear adapters; 64 then 32 clients
-    python bench/http.py --adapters 4 --clients 4,2 --seconds 3 --warmup 1 --engine-reps 3   # a quick check
+    python bench/serving.py --json bench/out/serving.json   # 64 rank-8 all-linear adapters; 64, 32 clients
+    python bench/serving.py --adapters 4 --clients 4,2 --seconds 3 --warmup 1 --engine-reps 3  # quick check
 
 Each client sends one real tweet per request, for an adapter drawn uniformly from the K, and sends the next
 request as soon as the answer arrives. Per load level: requests/s over `--seconds` (after `--warmup`), p50,
@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# The repository, not bench/, first on the path: as a script, bench/http.py would shadow the stdlib's http.
+# The repository, not bench/, first on the path, so that `bench` and `tests` import as packages.
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import argparse  # noqa: E402
