@@ -26,7 +26,7 @@ def lora_linear(
 ) -> torch.Tensor:
     """Returns `y: [B, T, out]` with, for every row i and slot s = idx[i],
 
-        y[i] = x[i] @ weight.T + bias + sum_p x[i] @ lora_A[s, p, :rank].T @ lora_B[s, :, p, :rank].T
+    y[i] = x[i] @ weight.T + bias + sum_p x[i] @ lora_A[s, p, :rank].T @ lora_B[s, :, p, :rank].T
     """
     if rank == 0:
         return F.linear(x, weight, bias)
