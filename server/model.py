@@ -69,13 +69,23 @@ class EncoderLayer(nn.Module):
         self.out = SlotLinear([layer.output.dense], slots, r_max, dtype)
         self.out_norm = layer.output.LayerNorm.to(dtype)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, idx: torch.Tensor, rank: int) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor, idx: torch.Tensor, rank: int, ffn_chunk_tokens: int | None
+    ) -> torch.Tensor:
         batch, tokens, hidden = x.shape
         qkv = self.qkv(x, idx, rank)  # [B, T, 3 * hidden]
         q, k, v = qkv.view(batch, tokens, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, T, d]
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, T, d]
         ctx = ctx.transpose(1, 2).reshape(batch, tokens, hidden)
         x = self.attn_norm(self.attn_out(ctx, idx, rank) + x)
+        rows = max(1, ffn_chunk_tokens // tokens) if ffn_chunk_tokens else batch
+        if rows >= batch:
+            return self.ffn(x, idx, rank)
+        # On the CPU the wide intermediate activation is read again by the LoRA shrink of `out`; in
+        # chunks of rows it is still in cache then.
+        return torch.cat([self.ffn(x[s : s + rows], idx[s : s + rows], rank) for s in range(0, batch, rows)])
+
+    def ffn(self, x: torch.Tensor, idx: torch.Tensor, rank: int) -> torch.Tensor:
         return self.out_norm(self.out(self.act(self.inter(x, idx, rank)), idx, rank) + x)
 
 
@@ -92,6 +102,8 @@ class MultiLoraBert(nn.Module):
         self.pooler = SlotLinear([bert.pooler.dense], slots, r_max, dtype)
         self.register_buffer("head_weight", torch.zeros(slots, max_labels, config.hidden_size, dtype=dtype))
         self.register_buffer("head_bias", torch.zeros(slots, max_labels, dtype=dtype))  # [slots, labels]
+        # Tokens per feed-forward chunk (None: whole batch); the engine sets it for the CPU.
+        self.ffn_chunk_tokens: int | None = None
         self.requires_grad_(False)
         self.eval()
 
@@ -115,5 +127,5 @@ class MultiLoraBert(nn.Module):
         x = self.embeddings(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids))
         mask = attention_mask[:, None, None, :]  # [B, 1, 1, T]
         for layer in self.layers:
-            x = layer(x, mask, idx, rank)
+            x = layer(x, mask, idx, rank, self.ffn_chunk_tokens)
         return torch.tanh(self.pooler(x[:, :1], idx, rank)).squeeze(1)
