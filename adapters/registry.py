@@ -111,8 +111,7 @@ class Registry:
 
     async def get(self, adapter_id: str) -> AdapterHandle:
         """The current version of `adapter_id`, weights in host memory; NotFoundError if there is none."""
-        if not isinstance(adapter_id, str) or not ADAPTER_ID_RE.fullmatch(adapter_id):
-            raise NotFoundError(f"There is no adapter named {adapter_id!r}.")
+        _check_known_id(adapter_id)
         for _ in range(4):
             known = self._known.get(adapter_id)
             if known is None or time.monotonic() - known.checked_at >= self.staleness_s:
@@ -177,8 +176,7 @@ class Registry:
 
     async def delete(self, adapter_id: str) -> None:
         """Remove `adapter_id` from the store; in-flight requests finish, new ones get NotFoundError."""
-        if not ADAPTER_ID_RE.fullmatch(adapter_id):
-            raise NotFoundError(f"There is no adapter named {adapter_id!r}.")
+        _check_known_id(adapter_id)
         async with self._id_lock(adapter_id):
             existed = await asyncio.to_thread(self.store.delete, adapter_id)
             self._bump(adapter_id)
@@ -190,8 +188,7 @@ class Registry:
 
     async def info(self, adapter_id: str) -> AdapterRecord:
         """The store's current record of `adapter_id` (never a cached one); NotFoundError if none."""
-        if not ADAPTER_ID_RE.fullmatch(adapter_id):
-            raise NotFoundError(f"There is no adapter named {adapter_id!r}.")
+        _check_known_id(adapter_id)
         record = await asyncio.to_thread(self.store.get, adapter_id)
         if record is None:
             raise NotFoundError(f"There is no adapter named {adapter_id!r}.")
@@ -353,3 +350,9 @@ class Registry:
     def _notify(self, tier: str, seconds: float) -> None:
         for listener in self.load_listeners:
             listener(tier, seconds)
+
+
+def _check_known_id(adapter_id: str) -> None:
+    """An id outside the allowlist cannot name a stored adapter: NotFoundError without touching the store."""
+    if not isinstance(adapter_id, str) or not ADAPTER_ID_RE.fullmatch(adapter_id):
+        raise NotFoundError(f"There is no adapter named {adapter_id!r}.")

@@ -113,9 +113,8 @@ class Engine:
         if len(token_ids) != len(slots) or not token_ids:
             raise ValueError("classify needs one slot per row and at least one row")
         longest = max(len(row) for row in token_ids)
-        input_ids = torch.zeros(len(token_ids), longest, dtype=torch.long)
-        for i, row in enumerate(token_ids):
-            input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        pad = self.tokenizer.pad_token_id or 0
+        input_ids = torch.tensor([row + [pad] * (longest - len(row)) for row in token_ids])  # [B, T]
         lengths = torch.tensor([len(row) for row in token_ids])
         mask = torch.arange(longest)[None, :] < lengths[:, None]  # [B, T]
         rank = max(self.slot_rank[s] for s in slots)
