@@ -24,8 +24,11 @@ from server.model import LAYER_TARGETS, QKV, MultiLoraBert
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# About 1k tokens keep a 1536-wide fp32 intermediate activation (6 MiB) in the CPU's cache.
-CPU_FFN_CHUNK_TOKENS = 1024
+# On the CPU a batch runs as groups of rows of similar length, each padded only to its own longest row.
+# About 1k tokens keep a 1536-wide fp32 intermediate activation (6 MiB) in the CPU's cache; a group
+# costs about as much fixed work as this many padding tokens.
+CPU_GROUP_TOKENS = 1024
+CPU_GROUP_COST_TOKENS = 64
 
 
 def default_model_dir() -> str:
@@ -68,8 +71,10 @@ class Engine:
         self.max_labels = max_labels
         self.empty_slot = num_slots  # reserved: no adapter, always zero
         self.model = MultiLoraBert(bert, num_slots + 1, max_rank, max_labels, DTYPES[dtype]).to(self.device)
-        if self.device.type == "cpu":
-            self.model.ffn_chunk_tokens = CPU_FFN_CHUNK_TOKENS
+        self.packed = self.model.pack() if self.device.type == "cpu" else False
+        # Padded tokens per group and the fixed cost of a group, in tokens; None: one group per batch.
+        self.group_tokens: int | None = CPU_GROUP_TOKENS if self.device.type == "cpu" else None
+        self.group_cost_tokens = CPU_GROUP_COST_TOKENS
         self.slot_rank = [0] * (num_slots + 1)
         self.slot_labels = [0] * (num_slots + 1)
 
@@ -109,9 +114,28 @@ class Engine:
 
     @torch.inference_mode()
     def classify(self, token_ids: list[list[int]], slots: list[int]) -> list[torch.Tensor]:
-        """One forward pass; row i uses slot `slots[i]`. Returns per row its logits over its labels (CPU)."""
+        """One forward pass; row i uses slot `slots[i]`. Returns per row its logits over its labels (CPU).
+
+        Rows are sorted by length and run in groups (`length_groups`), each padded to its own longest
+        row; the results come back in the order of the input.
+        """
         if len(token_ids) != len(slots) or not token_ids:
             raise ValueError("classify needs one slot per row and at least one row")
+        order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]), reverse=True)
+        lengths = [len(token_ids[i]) for i in order]
+        outputs = []
+        start = 0
+        for size in length_groups(lengths, self.group_tokens, self.group_cost_tokens):
+            rows = order[start : start + size]
+            start += size
+            outputs.append(self._forward([token_ids[i] for i in rows], [slots[i] for i in rows]))
+        logits = torch.cat(outputs).float().cpu()  # [B, max_labels] in sorted order; one copy to the host
+        result: list[torch.Tensor] = [logits] * len(order)
+        for position, i in enumerate(order):
+            result[i] = logits[position, : self.slot_labels[slots[i]]]
+        return result
+
+    def _forward(self, token_ids: list[list[int]], slots: list[int]) -> torch.Tensor:
         longest = max(len(row) for row in token_ids)
         pad = self.tokenizer.pad_token_id or 0
         input_ids = torch.tensor([row + [pad] * (longest - len(row)) for row in token_ids])  # [B, T]
@@ -119,14 +143,12 @@ class Engine:
         mask = torch.arange(longest)[None, :] < lengths[:, None]  # [B, T]
         rank = max(self.slot_rank[s] for s in slots)
         idx = torch.tensor(slots, dtype=torch.long)
-        logits = self.model(
+        return self.model(
             input_ids.to(self.device, non_blocking=True),
             mask.to(self.device, non_blocking=True),
             idx.to(self.device, non_blocking=True),
             rank,
         )
-        logits = logits.float().cpu()
-        return [logits[i, : self.slot_labels[s]] for i, s in enumerate(slots)]
 
     def warmup(self) -> None:
         """Run a full-length pass once so that first requests do not pay for lazy initialisation."""
@@ -158,6 +180,34 @@ class Engine:
             n = adapter.num_labels
             model.head_weight[slot, :n].copy_(adapter.classifier_weight)
             model.head_bias[slot, :n].copy_(adapter.classifier_bias)
+
+
+def length_groups(lengths: list[int], max_tokens: int | None, cost_tokens: int) -> list[int]:
+    """Split rows sorted by length (longest first) into runs; returns the size of each run.
+
+    A run of rows i..j-1 costs (j - i) * lengths[i] padded tokens plus `cost_tokens`; the split with the
+    least total cost is found exactly (dynamic programming over the sorted rows), and a run stays within
+    `max_tokens` unless it is a single row. `max_tokens` None: one run.
+    """
+    n = len(lengths)
+    if max_tokens is None or n <= 1:
+        return [n] if n else []
+    best = [0] + [float("inf")] * n  # best[j]: least cost of the first j rows
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j - 1, -1, -1):  # last run is rows i..j-1; its padded length is lengths[i]
+            tokens = (j - i) * lengths[i]
+            if tokens > max_tokens and j - i > 1:
+                break
+            cost = best[i] + tokens + cost_tokens
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    sizes = []
+    j = n
+    while j:
+        sizes.append(j - cut[j])
+        j = cut[j]
+    return sizes[::-1]
 
 
 def _base_spec(bert, tokenizer) -> BaseSpec:

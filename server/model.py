@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from server.lora import lora_linear
+from server.lora import lora_linear, pack_weight
 
 # LoRA targets of one encoder layer: slot tensor name -> module path inside `encoder.layer.{i}`.
 LAYER_TARGETS = {
@@ -42,8 +42,17 @@ class SlotLinear(nn.Module):
         self.register_buffer("lora_A", torch.zeros(slots, self.parts, r_max, in_features, dtype=dtype))
         self.register_buffer("lora_B", torch.zeros(slots, weight.shape[0], self.parts, r_max, dtype=dtype))
 
+        self.packed: torch.Tensor | None = None  # the weight prepacked for the CPU matmul (`pack`)
+
     def forward(self, x: torch.Tensor, idx: torch.Tensor, rank: int) -> torch.Tensor:
-        return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, idx, rank)
+        return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, idx, rank, self.packed)
+
+    def pack(self) -> bool:
+        """Prepack the frozen weight for the CPU matmul (on the final device); drops the plain copy."""
+        self.packed = pack_weight(self.weight, self.bias)
+        if self.packed is not None:
+            self.weight = None
+        return self.packed is not None
 
     def write(self, slot: int, part: int, lora_A: torch.Tensor | None, lora_B: torch.Tensor | None) -> None:
         """Put one part's `lora_A [r, in]` and scaled `lora_B [out, r]` in `slot`; None clears the part."""
@@ -69,23 +78,13 @@ class EncoderLayer(nn.Module):
         self.out = SlotLinear([layer.output.dense], slots, r_max, dtype)
         self.out_norm = layer.output.LayerNorm.to(dtype)
 
-    def forward(
-        self, x: torch.Tensor, mask: torch.Tensor, idx: torch.Tensor, rank: int, ffn_chunk_tokens: int | None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, idx: torch.Tensor, rank: int) -> torch.Tensor:
         batch, tokens, hidden = x.shape
         qkv = self.qkv(x, idx, rank)  # [B, T, 3 * hidden]
         q, k, v = qkv.view(batch, tokens, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, T, d]
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, T, d]
         ctx = ctx.transpose(1, 2).reshape(batch, tokens, hidden)
         x = self.attn_norm(self.attn_out(ctx, idx, rank) + x)
-        rows = max(1, ffn_chunk_tokens // tokens) if ffn_chunk_tokens else batch
-        if rows >= batch:
-            return self.ffn(x, idx, rank)
-        # On the CPU the wide intermediate activation is read again by the LoRA shrink of `out`; in
-        # chunks of rows it is still in cache then.
-        return torch.cat([self.ffn(x[s : s + rows], idx[s : s + rows], rank) for s in range(0, batch, rows)])
-
-    def ffn(self, x: torch.Tensor, idx: torch.Tensor, rank: int) -> torch.Tensor:
         return self.out_norm(self.out(self.act(self.inter(x, idx, rank)), idx, rank) + x)
 
 
@@ -102,10 +101,12 @@ class MultiLoraBert(nn.Module):
         self.pooler = SlotLinear([bert.pooler.dense], slots, r_max, dtype)
         self.register_buffer("head_weight", torch.zeros(slots, max_labels, config.hidden_size, dtype=dtype))
         self.register_buffer("head_bias", torch.zeros(slots, max_labels, dtype=dtype))  # [slots, labels]
-        # Tokens per feed-forward chunk (None: whole batch); the engine sets it for the CPU.
-        self.ffn_chunk_tokens: int | None = None
         self.requires_grad_(False)
         self.eval()
+
+    def pack(self) -> bool:
+        """Prepack every frozen linear for the CPU matmul; True if all of them were packed."""
+        return all([module.pack() for module in self.modules() if isinstance(module, SlotLinear)])
 
     def forward(
         self,
@@ -127,5 +128,5 @@ class MultiLoraBert(nn.Module):
         x = self.embeddings(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids))
         mask = attention_mask[:, None, None, :]  # [B, 1, 1, T]
         for layer in self.layers:
-            x = layer(x, mask, idx, rank, self.ffn_chunk_tokens)
+            x = layer(x, mask, idx, rank)
         return torch.tanh(self.pooler(x[:, :1], idx, rank)).squeeze(1)

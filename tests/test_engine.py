@@ -66,10 +66,10 @@ def adapters(tmp_path_factory, engine):
     return out
 
 
-@pytest.mark.parametrize("ffn_chunk_tokens", [None, 40])  # 40: the feed-forward runs in chunks of 1-2 rows
+@pytest.mark.parametrize("group_tokens", [None, 40])  # None: one padded pass; 40: groups of 1-4 rows
 @pytest.mark.parametrize("k", [1, 3, 8])
-def test_mixed_batch_matches_peft_per_adapter(engine, adapters, k, ffn_chunk_tokens, monkeypatch):
-    monkeypatch.setattr(engine.model, "ffn_chunk_tokens", ffn_chunk_tokens)
+def test_mixed_batch_matches_peft_per_adapter(engine, adapters, k, group_tokens, monkeypatch):
+    monkeypatch.setattr(engine, "group_tokens", group_tokens)
     chosen = list(range(8))[:k] if k != 3 else [1, 2, 6]
     for slot, a in enumerate(chosen):
         engine.load_slot(slot, adapters[a][1])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.lora import lora_linear
+from server.lora import lora_linear, pack_weight
 
 SLOTS, R_MAX, IN, OUT, BATCH, TOKENS = 16, 16, 24, 40, 12, 5
 
@@ -58,13 +58,27 @@ def test_lora_linear_equals_loop(kind, rank, parts, dtype):
     # A strided input (the pooler reads only the first token of each row) gives the same rows.
     got_first = lora_linear(x[:, :1], weight, bias, lora_A, lora_B, idx, rank)
     assert torch.allclose(got_first, expected[:, :1], atol=tol, rtol=tol)
+    packed = pack_weight(weight, bias)
+    if dtype == torch.float32:  # the CPU's prepacked matmul with the delta as a fused add
+        assert packed is not None or not torch.backends.mkldnn.is_available()
+    else:
+        assert packed is None  # only fp32 is packed
+    if packed is not None:
+        for rows in (x, x[:, :1]):
+            got = lora_linear(rows, None, bias, lora_A, lora_B, idx, rank, packed)
+            assert torch.allclose(got, expected[:, : rows.shape[1]], atol=tol, rtol=tol)
 
 
 def test_rank_zero_is_the_base_linear():
     x, weight, bias = torch.randn(2, 3, IN), torch.randn(OUT, IN), torch.randn(OUT)
     lora_A, lora_B = torch.randn(4, 1, 2, IN), torch.randn(4, OUT, 1, 2)
+    base = torch.nn.functional.linear(x, weight, bias)
     out = lora_linear(x, weight, bias, lora_A, lora_B, torch.tensor([0, 1]), 0)
-    assert torch.equal(out, torch.nn.functional.linear(x, weight, bias))
+    assert torch.equal(out, base)
+    packed = pack_weight(weight, bias)
+    if packed is not None:
+        out = lora_linear(x, None, bias, lora_A, lora_B, torch.tensor([0, 1]), 0, packed)
+        assert torch.allclose(out, base, atol=1e-5)
 
 
 def test_zero_padding_beyond_rank_is_exact():
