@@ -45,11 +45,22 @@ def model_dir(name: str) -> str:
 
 
 def median_seconds(fn: Callable[[], object], reps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
+    return interleaved_medians({"": fn}, reps, warmup)[""]
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds of each function, timed in rounds that run every function once.
+
+    Rounds spread the machine's drift (other load, clock changes) over all functions alike, so the
+    ratios between them hold better than those of functions timed one after another.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}

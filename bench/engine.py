@@ -5,7 +5,8 @@
 
 (a) the bare Hugging Face model, no LoRA; (b) the loraplex engine with K distinct rank-8 adapters on every
 linear layer; (c) PEFT's mixed-batch inference (`adapter_names=`); (d) PEFT with `set_adapter` per
-sub-batch. All in one process on the same batch; figures are medians of sequences per second.
+sub-batch. All in one process on the same batch, timed in interleaved rounds; figures are medians of
+sequences per second.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 # The repository, not bench/, first on the path, so that `bench` and `tests` import as packages.
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from bench.common import median_seconds, model_dir, tweets  # noqa: E402
+from bench.common import interleaved_medians, model_dir, tweets  # noqa: E402
 
 ALL_LINEAR = ["query", "key", "value", "dense"]
 
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForSequenceClassification
 
     from adapters.peft import parse_adapter
-    from server.engine import Engine
+    from server.engine import Engine, length_groups
 
     path = model_dir(args.model)
     ks = [int(k) for k in args.ks.split(",")]
@@ -68,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         f"model={args.model} rows={args.rows} padded_len={batch['input_ids'].shape[1]} tokens={tokens} "
         f"threads={torch.get_num_threads()}"
     )
+    lengths = sorted((len(row) for row in ids), reverse=True)
+    sizes = length_groups(lengths, engine.group_tokens, engine.group_cost_tokens)
+    starts = [sum(sizes[:g]) for g in range(len(sizes))]
+    engine_tokens = sum(size * lengths[start] for size, start in zip(sizes, starts, strict=True))
+    print(f"engine: groups of {sizes} rows, {engine_tokens} tokens with padding, oneDNN={engine.packed}")
 
     peft = peft_model_with_adapters(path, max(ks))
     for i in range(max(ks)):
@@ -77,21 +83,15 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     bare = AutoModelForSequenceClassification.from_pretrained(path, num_labels=3).eval()
-    results: dict[str, float] = {}
-
-    def run(name: str, fn) -> None:
-        with torch.inference_mode():
-            seconds = median_seconds(fn, args.reps)
-        results[name] = args.rows / seconds
-        print(f"  {name:<28} {results[name]:8.1f} seq/s", flush=True)
-
-    run("a: bare model", lambda: bare(**batch))
-    run("engine, no adapter", lambda: engine.classify(ids, [engine.empty_slot] * args.rows))
+    fns = {
+        "a: bare model": lambda: bare(**batch),
+        "engine, no adapter": lambda: engine.classify(ids, [engine.empty_slot] * args.rows),
+    }
     for k in ks:
         slots = [i % k for i in range(args.rows)]
         names = [f"a{s}" for s in slots]
-        run(f"b: engine K={k}", lambda slots=slots: engine.classify(ids, slots))
-        run(f"c: peft mixed K={k}", lambda names=names: peft(**batch, adapter_names=names))
+        fns[f"b: engine K={k}"] = lambda slots=slots: engine.classify(ids, slots)
+        fns[f"c: peft mixed K={k}"] = lambda names=names: peft(**batch, adapter_names=names)
 
         def per_adapter(k=k, slots=slots):
             for a in range(k):
@@ -99,7 +99,12 @@ def main(argv: list[str] | None = None) -> int:
                 peft.set_adapter(f"a{a}")
                 peft(**{key: v[rows] for key, v in batch.items()})
 
-        run(f"d: peft set_adapter K={k}", per_adapter)
+        fns[f"d: peft set_adapter K={k}"] = per_adapter
+    with torch.inference_mode():
+        seconds = interleaved_medians(fns, args.reps)
+    results = {name: args.rows / s for name, s in seconds.items()}
+    for name, value in results.items():
+        print(f"  {name:<28} {value:8.1f} seq/s")
 
     print(f"\n{'K':>4} {'engine/bare':>12} {'engine/peft-mixed':>18} {'engine/peft-set':>16}")
     ratios = {}
@@ -123,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                     "model": args.model,
                     "rows": args.rows,
                     "tokens": tokens,
+                    "engine_groups": sizes,
+                    "engine_padded_tokens": engine_tokens,
                     "seq_per_s": results,
                     "ratios": ratios,
                 },

@@ -5,6 +5,9 @@
     ids = engine.tokenize(["great", "awful"])
     logits = engine.classify(ids, [0, 0])   # one 1-D tensor per row, over that adapter's labels
 
+A batch's rows are sorted by length; on the CPU they run as groups of similar length, each padded
+only to its own longest row (`length_groups`), and the answers come back in the order of the input.
+
 Not thread-safe: one thread (the batcher's worker) calls classify, load_slot and clear_slot, so a
 forward pass never sees a half-written slot.
 """
@@ -25,10 +28,12 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # On the CPU a batch runs as groups of rows of similar length, each padded only to its own longest row.
-# About 1k tokens keep a 1536-wide fp32 intermediate activation (6 MiB) in the CPU's cache; a group
-# costs about as much fixed work as this many padding tokens.
+# About 1k tokens keep a 1536-wide fp32 intermediate activation (6 MiB) in the CPU's cache. A group's
+# fixed cost (per-op overhead, per layer) is worth about 64 padding tokens at hidden size 384; a token
+# costs in proportion to hidden^2, so that worth scales with (384 / hidden)^2 (measured: 16 is best
+# at hidden 768).
 CPU_GROUP_TOKENS = 1024
-CPU_GROUP_COST_TOKENS = 64
+CPU_GROUP_COST_TOKENS_AT_384 = 64
 
 
 def default_model_dir() -> str:
@@ -74,7 +79,7 @@ class Engine:
         self.packed = self.model.pack() if self.device.type == "cpu" else False
         # Padded tokens per group and the fixed cost of a group, in tokens; None: one group per batch.
         self.group_tokens: int | None = CPU_GROUP_TOKENS if self.device.type == "cpu" else None
-        self.group_cost_tokens = CPU_GROUP_COST_TOKENS
+        self.group_cost_tokens = max(4, round(CPU_GROUP_COST_TOKENS_AT_384 * (384 / config.hidden_size) ** 2))
         self.slot_rank = [0] * (num_slots + 1)
         self.slot_labels = [0] * (num_slots + 1)
 
