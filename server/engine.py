@@ -135,10 +135,8 @@ class Engine:
             start += size
             outputs.append(self._forward([token_ids[i] for i in rows], [slots[i] for i in rows]))
         logits = torch.cat(outputs).float().cpu()  # [B, max_labels] in sorted order; one copy to the host
-        result: list[torch.Tensor] = [logits] * len(order)
-        for position, i in enumerate(order):
-            result[i] = logits[position, : self.slot_labels[slots[i]]]
-        return result
+        position = {i: p for p, i in enumerate(order)}
+        return [logits[position[i], : self.slot_labels[s]] for i, s in enumerate(slots)]
 
     def _forward(self, token_ids: list[list[int]], slots: list[int]) -> torch.Tensor:
         longest = max(len(row) for row in token_ids)
