@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-
-from adapters.errors import InvalidAdapterError
+from loraplex.adapters.errors import InvalidAdapterError
 
 
 @dataclass(frozen=True)

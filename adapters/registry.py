@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapters.errors import ConflictError, InvalidAdapterError, NotFoundError, UnavailableError
-from adapters.peft import AdapterWeights
-from adapters.store import (
+from loraplex.adapters.errors import ConflictError, InvalidAdapterError, NotFoundError, UnavailableError
+from loraplex.adapters.peft import AdapterWeights
+from loraplex.adapters.store import (
     ADAPTER_ID_RE,
     CONFIG_NAME,
     MODEL_NAME,
@@ -38,7 +38,7 @@ from adapters.store import (
     AdapterStore,
     check_adapter_id,
 )
-from adapters.validate import load_stored, parse_labels, validate_upload
+from loraplex.adapters.validate import load_stored, parse_labels, validate_upload
 
 log = logging.getLogger("loraplex.registry")
 

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from adapters.errors import InvalidAdapterError, NotFoundError
+from loraplex.adapters.errors import InvalidAdapterError, NotFoundError
 
 ADAPTER_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 CONFIG_NAME = "adapter_config.json"
@@ -148,7 +148,7 @@ class AdapterStore(ABC):
 def open_store(location: str) -> AdapterStore:
     """The store at `location`: `s3://bucket/prefix` (needs boto3) or a directory."""
     if location.startswith("s3://"):
-        from adapters.store_s3 import S3Store
+        from loraplex.adapters.store_s3 import S3Store
 
         return S3Store.from_url(location)
     return DirectoryStore(location)

@@ -35,8 +35,8 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
-from adapters.errors import ConflictError, NotFoundError, UnavailableError
-from adapters.store import (
+from loraplex.adapters.errors import ConflictError, NotFoundError, UnavailableError
+from loraplex.adapters.store import (
     ADAPTER_ID_RE,
     CONFIG_NAME,
     LABELS_NAME,

@@ -3,7 +3,7 @@
 The order is cheap-to-expensive: id allowlist, sizes (streamed, see `limited`), file type sniffing (pickle,
 zip or anything else that is not safetensors -> UnsupportedMediaError; nothing is ever unpickled), the
 safetensors structure (parsed by safetensors' own loader, which checks the header length, the JSON, and that
-the offsets cover the data exactly), dtypes and ranks of every tensor, and finally `adapters.peft
+the offsets cover the data exactly), dtypes and ranks of every tensor, and finally `loraplex.adapters.peft
 .parse_adapter`, which applies PEFT's config semantics and checks names, shapes, ranks, finiteness and the
 head against the base model. Every rejection is a LoraplexError whose message names the file, field, key or
 shape at fault.
@@ -18,12 +18,11 @@ from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 
 import torch
+from loraplex.adapters.errors import InvalidAdapterError, PayloadTooLargeError, UnsupportedMediaError
+from loraplex.adapters.peft import AdapterWeights, BaseSpec, parse_adapter
+from loraplex.adapters.store import AdapterFiles, AdapterRecord, check_adapter_id, utc_now
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
-
-from adapters.errors import InvalidAdapterError, PayloadTooLargeError, UnsupportedMediaError
-from adapters.peft import AdapterWeights, BaseSpec, parse_adapter
-from adapters.store import AdapterFiles, AdapterRecord, check_adapter_id, utc_now
 
 MAX_CONFIG_BYTES = 1 << 20
 MAX_LABELS_BYTES = 1 << 16

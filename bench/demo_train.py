@@ -43,7 +43,7 @@ def main(argv: list[str]) -> int:
     for task in argv or list(TASKS):
         cmd = command(task)
         print("$ " + shlex.join(cmd), flush=True)
-        rc = subprocess.call([sys.executable, "-m", "server", *cmd[1:]], cwd=REPO)
+        rc = subprocess.call([sys.executable, "-m", "loraplex", *cmd[1:]], cwd=REPO)
         if rc:
             return rc
     return 0

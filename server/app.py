@@ -13,17 +13,16 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-
-from adapters.errors import InvalidAdapterError, LoraplexError
-from adapters.registry import Registry
-from adapters.store import open_store
-from server.batcher import Batcher
-from server.engine import Engine
-from server.errors import install_error_handlers
-from server.metrics import Metrics
-from server.middleware import ServingMiddleware
-from server.routes import adapters, classify, health
-from server.settings import Settings
+from loraplex.adapters.errors import InvalidAdapterError, LoraplexError
+from loraplex.adapters.registry import Registry
+from loraplex.adapters.store import open_store
+from loraplex.batcher import Batcher
+from loraplex.engine import Engine
+from loraplex.errors import install_error_handlers
+from loraplex.metrics import Metrics
+from loraplex.middleware import ServingMiddleware
+from loraplex.routes import adapters, classify, health
+from loraplex.settings import Settings
 
 log = logging.getLogger("loraplex.app")
 

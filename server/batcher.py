@@ -21,9 +21,8 @@ import time
 from dataclasses import dataclass
 
 import torch
-
-from adapters.errors import LoraplexError, OverloadedError, UnavailableError
-from server.metrics import Metrics
+from loraplex.adapters.errors import LoraplexError, OverloadedError, UnavailableError
+from loraplex.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +31,7 @@ log = logging.getLogger(__name__)
 class Job:
     """One request: its inputs' rows and, once `future` is done, their logits in input order."""
 
-    handle: object  # adapters.registry.AdapterHandle: the version every row of this job uses
+    handle: object  # loraplex.adapters.registry.AdapterHandle: the version every row of this job uses
     future: asyncio.Future
     enqueued_at: float
     logits: list[torch.Tensor | None]  # [num_labels] per input, filled in by the worker

@@ -21,11 +21,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "serve":
-        from server.serve import main as run
+        from loraplex.serve import main as run
     elif command == "train":
-        from adapters.train import main as run
+        from loraplex.adapters.train import main as run
     elif command in ("adapters", "classify"):
-        from server.client_cli import main as run
+        from loraplex.client_cli import main as run
 
         rest = argv
     else:

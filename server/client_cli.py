@@ -19,7 +19,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from server.client import DEFAULT_URL, AdapterInfo, APIError, Classification, Client
+from loraplex.client import DEFAULT_URL, AdapterInfo, APIError, Classification, Client
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

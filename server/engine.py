@@ -1,7 +1,7 @@
 """The engine: one frozen BERT encoder, many LoRA adapters in preallocated slots, one forward pass.
 
     engine = Engine()                       # the embedded all-MiniLM-L6-v2 on cpu (cuda when available)
-    engine.load_slot(0, adapter)            # adapters.peft.AdapterWeights
+    engine.load_slot(0, adapter)            # loraplex.adapters.peft.AdapterWeights
     ids = engine.tokenize(["great", "awful"])
     logits = engine.classify(ids, [0, 0])   # one 1-D tensor per row, over that adapter's labels
 
@@ -18,11 +18,10 @@ import logging
 from pathlib import Path
 
 import torch
+from loraplex.adapters.errors import InvalidAdapterError, InvalidInputError
+from loraplex.adapters.peft import AdapterWeights, BaseSpec
+from loraplex.model import LAYER_TARGETS, QKV, MultiLoraBert
 from transformers import AutoConfig, AutoModel, AutoTokenizer
-
-from adapters.errors import InvalidAdapterError, InvalidInputError
-from adapters.peft import AdapterWeights, BaseSpec
-from server.model import LAYER_TARGETS, QKV, MultiLoraBert
 
 log = logging.getLogger(__name__)
 

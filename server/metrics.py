@@ -93,7 +93,7 @@ class Metrics:
 
 
 class _RegistryCollector:
-    """Reads `adapters.registry.Registry` counters when Prometheus scrapes."""
+    """Reads `loraplex.adapters.registry.Registry` counters when Prometheus scrapes."""
 
     def __init__(self, registry):
         self._registry = registry

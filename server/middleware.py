@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import time
 
+from loraplex.adapters.errors import PayloadTooLargeError, UnavailableError
+from loraplex.errors import response_for
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from adapters.errors import PayloadTooLargeError, UnavailableError
-from server.errors import response_for
 
 # Routes that never queue work: open during loading and draining, not counted as in flight.
 OPS_PATHS = frozenset(

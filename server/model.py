@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from loraplex.lora import lora_linear, pack_weight
 from torch import nn
 from transformers.activations import ACT2FN
-
-from server.lora import lora_linear, pack_weight
 
 # LoRA targets of one encoder layer: slot tensor name -> module path inside `encoder.layer.{i}`.
 LAYER_TARGETS = {

@@ -15,9 +15,8 @@ import sys
 from types import FrameType
 
 import uvicorn
-
-from adapters.errors import LoraplexError
-from server.settings import SettingsError, build_parser, load_settings
+from loraplex.adapters.errors import LoraplexError
+from loraplex.settings import SettingsError, build_parser, load_settings
 
 log = logging.getLogger("loraplex.serve")
 
@@ -36,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
     )
 
-    from server.app import create_app  # imports torch: only after the settings are known to be good
+    from loraplex.app import create_app  # imports torch: only after the settings are known to be good
 
     app = create_app(settings)
     config = uvicorn.Config(

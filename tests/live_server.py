@@ -48,7 +48,7 @@ class LiveServer:
             [
                 sys.executable,
                 "-m",
-                "server",
+                "loraplex",
                 "serve",
                 "--host",
                 "127.0.0.1",

@@ -15,10 +15,9 @@ import time
 import httpx
 import pytest
 import torch
-
-from adapters.store import AdapterFiles, AdapterRecord, DirectoryStore, utc_now
-from server import client_cli
-from server.client import (
+from loraplex import client_cli
+from loraplex.adapters.store import AdapterFiles, AdapterRecord, DirectoryStore, utc_now
+from loraplex.client import (
     APIError,
     AsyncClient,
     BadRequestError,
@@ -35,6 +34,7 @@ from server.client import (
     ValidationError,
     error_from_response,
 )
+
 from tests.live_server import REPO, LiveServer, free_port
 from tests.peft_factory import peft_logits, save_peft_adapter
 
@@ -382,7 +382,7 @@ def test_cli_errors_and_exit_codes(srv, adapters, capsys, monkeypatch, tmp_path)
 
 def test_cli_entry_point_in_a_subprocess(srv):
     env = {"LORAPLEX_URL": srv.url, "LORAPLEX_API_KEY": API_KEY, "PATH": "/usr/bin:/bin"}
-    done = subprocess.run([sys.executable, "-m", "server", "adapters", "ls", "--json"], cwd=REPO, env=env,
+    done = subprocess.run([sys.executable, "-m", "loraplex", "adapters", "ls", "--json"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert isinstance(json.loads(done.stdout)["adapters"], list)

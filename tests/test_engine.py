@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from loraplex.adapters.peft import AdapterWeights, parse_adapter
+from loraplex.engine import Engine
 from safetensors.torch import load_file
 
-from adapters.peft import AdapterWeights, parse_adapter
-from server.engine import Engine
 from tests.peft_factory import ALL_LINEAR, peft_logits, save_peft_adapter
 
 TEXTS = [
@@ -129,7 +129,7 @@ def test_empty_slot_equals_base_model(engine):
 
 
 def test_tokenize_truncates_or_names_the_input(engine):
-    from adapters.errors import InvalidInputError
+    from loraplex.adapters.errors import InvalidInputError
 
     long_text = "word " * 600
     ids = engine.tokenize(["short", long_text])
@@ -140,7 +140,7 @@ def test_tokenize_truncates_or_names_the_input(engine):
 
 
 def test_limits_checked_when_loading(adapters):
-    from adapters.errors import InvalidAdapterError
+    from loraplex.adapters.errors import InvalidAdapterError
 
     small = Engine(device="cpu", num_slots=2, max_rank=8, max_labels=4)
     with pytest.raises(InvalidAdapterError, match="rank 64"):

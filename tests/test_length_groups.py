@@ -6,8 +6,7 @@ import itertools
 import random
 
 import pytest
-
-from server.engine import length_groups
+from loraplex.engine import length_groups
 
 
 def cost(lengths: list[int], sizes: list[int], group_cost: int) -> int:

@@ -9,10 +9,9 @@ import threading
 import time
 
 import pytest
-
-from adapters.errors import NotFoundError, UnavailableError
-from adapters.store import AdapterFiles, AdapterRecord, utc_now
-from adapters.store_s3 import S3Store, make_client, parse_s3_url
+from loraplex.adapters.errors import NotFoundError, UnavailableError
+from loraplex.adapters.store import AdapterFiles, AdapterRecord, utc_now
+from loraplex.adapters.store_s3 import S3Store, make_client, parse_s3_url
 
 pytest.importorskip("moto.server")
 

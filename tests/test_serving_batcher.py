@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from adapters.registry import AdapterHandle
-from server.batcher import Entry, Job, take_batch
+from loraplex.adapters.registry import AdapterHandle
+from loraplex.batcher import Entry, Job, take_batch
 
 
 def queue(*rows: tuple[str, int]) -> list[Entry]:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from loraplex import serve
+from loraplex.settings import ENV_PREFIX, Settings, load_settings, option_flag
 
-from server import serve
-from server.settings import ENV_PREFIX, Settings, load_settings, option_flag
 from tests.live_server import REPO, free_port
 
 # A valid value that differs from the default, for every setting, and what it parses to.
@@ -133,7 +133,7 @@ def test_help_lists_every_option(capsys):
 
 def test_cli_bad_value_exits_2_without_traceback():
     result = subprocess.run(
-        [sys.executable, "-m", "server", "serve", "--max-batch-tokens", "lots"],
+        [sys.executable, "-m", "loraplex", "serve", "--max-batch-tokens", "lots"],
         cwd=REPO, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 2
@@ -148,7 +148,7 @@ def test_not_ready_while_loading_and_a_bad_preload_exits_2():
     store = tempfile.mkdtemp(prefix="loraplex-settings-store-")
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "serve", "--port", str(port), "--adapter-store", store,
+        [sys.executable, "-m", "loraplex", "serve", "--port", str(port), "--adapter-store", store,
          "--preload", f"broken={folder}"],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip

@@ -14,9 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-
-from adapters.errors import InvalidAdapterError, NotFoundError
-from adapters.store import AdapterFiles, AdapterRecord, DirectoryStore, utc_now
+from loraplex.adapters.errors import InvalidAdapterError, NotFoundError
+from loraplex.adapters.store import AdapterFiles, AdapterRecord, DirectoryStore, utc_now
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -158,7 +157,7 @@ WRITER = textwrap.dedent(
     """
     import sys
     from tests.test_store import make
-    from adapters.store import DirectoryStore
+    from loraplex.adapters.store import DirectoryStore
     store = DirectoryStore(sys.argv[1])
     payloads = [bytes([i]) * (4 << 20) for i in range(1, 4)]
     print("ready", flush=True)
@@ -196,7 +195,7 @@ CONCURRENT = textwrap.dedent(
     """
     import sys
     from tests.test_store import make
-    from adapters.store import DirectoryStore
+    from loraplex.adapters.store import DirectoryStore
     store = DirectoryStore(sys.argv[1])
     worker = int(sys.argv[2])
     for i in range(5):

@@ -8,19 +8,18 @@ import time
 
 import torch
 from fastapi import APIRouter, Request, Response
-from pydantic import ValidationError
-
-from adapters.errors import (
+from loraplex.adapters.errors import (
     BadRequestError,
     InvalidAdapterError,
     InvalidInputError,
     UnavailableError,
     UnsupportedMediaError,
 )
-from server.auth import ApiKeyAuth
-from server.batcher import Batcher, Job
-from server.errors import describe_validation, error_response
-from server.schemas import ERROR_RESPONSES, ClassifyRequest, ClassifyResponse
+from loraplex.auth import ApiKeyAuth
+from loraplex.batcher import Batcher, Job
+from loraplex.errors import describe_validation, error_response
+from loraplex.schemas import ERROR_RESPONSES, ClassifyRequest, ClassifyResponse
+from pydantic import ValidationError
 
 router = APIRouter(tags=["inference"])
 

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
+from loraplex.errors import error_response
+from loraplex.schemas import ErrorBody, Status
 from prometheus_client import CONTENT_TYPE_LATEST
-
-from server.errors import error_response
-from server.schemas import ErrorBody, Status
 
 router = APIRouter(tags=["operations"])
 

@@ -1,6 +1,6 @@
 """Python client for a loraplex server: classify texts, and upload, list, inspect and delete adapters.
 
-    from server.client import Client
+    from loraplex.client import Client
 
     with Client("http://127.0.0.1:8000", api_key="...", admin_token="...") as client:
         client.upload("sentiment", "adapters/demo/tweet-sentiment")    # a PEFT directory or PeftModel
