@@ -22,15 +22,37 @@ from loraplex.adapters.errors import InvalidAdapterError
 class BaseSpec:
     """What an adapter must fit: the shapes and module names of the frozen base model."""
 
+    model_name: str  # what the server serves: a checkpoint directory or hub id
+    model_type: str  # config.model_type, e.g. "bert", "roberta"
     prefix: str  # attribute of the encoder inside the PEFT model, e.g. "bert"
     hidden_size: int
     num_layers: int
-    max_length: int  # tokens, [CLS] and [SEP] included
+    max_length: int  # tokens, special tokens included
     # LoRA-capable linear layers, path relative to the encoder -> (in_features, out_features),
     # e.g. "encoder.layer.0.attention.self.query" -> (384, 384), "pooler.dense" -> (384, 384)
     targets: dict[str, tuple[int, int]]
     # every module name of the classification model as PEFT sees it ("bert.embeddings", "classifier", ...)
     module_names: tuple[str, ...]
+    default_targets: tuple[str, ...]  # PEFT's default target_modules for this family
+    # the head's tensors as PEFT saves them (modules_to_save) -> shape, None where the label count goes,
+    # e.g. "classifier.dense.weight" -> (768, 768), "classifier.out_proj.weight" -> (None, 768)
+    head_tensors: dict[str, tuple[int | None, ...]]
+    # head tensors that the base checkpoint itself holds (e.g. ModernBERT's head.dense from its MLM
+    # head): an adapter that does not save them uses these, as PEFT does
+    head_defaults: dict[str, torch.Tensor]
+
+    @property
+    def head_modules(self) -> tuple[str, ...]:
+        """Top-level module names of the head, e.g. ("classifier",) or ("pre_classifier", "classifier")."""
+        return tuple(dict.fromkeys(name.split(".", 1)[0] for name in self.head_tensors))
+
+    def served(self, config: dict) -> str:
+        """A sentence naming the adapter's base model and the one served, for shape and name mismatches."""
+        trained = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+        return (
+            f" The adapter was trained on {str(trained)[:200]!r}; this server serves {self.model_name!r} "
+            f"({self.model_type}, hidden size {self.hidden_size}, {self.num_layers} layers)."
+        )
 
 
 @dataclass(frozen=True)
@@ -45,21 +67,16 @@ class AdapterWeights:
     """A validated adapter, fp32 on the CPU, ready to be written into an engine slot."""
 
     modules: dict[str, LoraModule]  # keyed like BaseSpec.targets
-    classifier_weight: torch.Tensor  # [num_labels, hidden]
-    classifier_bias: torch.Tensor  # [num_labels]
+    head: dict[str, torch.Tensor]  # keyed like BaseSpec.head_tensors, e.g. "classifier.weight" [labels, H]
+    num_labels: int
     labels: tuple[str, ...]  # len == num_labels, in head order
     rank: int  # largest r over modules
     lora_alpha: float
     target_modules: tuple[str, ...]  # short names of the targeted layers, e.g. ("query", "value")
 
-    @property
-    def num_labels(self) -> int:
-        return int(self.classifier_weight.shape[0])
 
-
-HEAD_NAMES = ("classifier", "score")
+HEAD_NAMES = ("classifier", "score")  # what PEFT puts in modules_to_save for SEQ_CLS
 KEY_PREFIX = "base_model.model."
-DEFAULT_BERT_TARGETS = ["query", "value"]  # PEFT's default for model_type "bert"
 LAYER_INDEX_FREE = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")
 
 # Fields that only matter while training or saving; they never change what a saved adapter computes.
@@ -163,7 +180,7 @@ def _layer_index(key: str, layers_pattern: str | list[str] | None) -> int | None
     return int(match.group("idx")) if match else None
 
 
-def _is_target(config: dict, key: str) -> bool:
+def _is_target(config: dict, key: str, default_targets: tuple[str, ...]) -> bool:
     """PEFT's `check_target_module_exists` for one module name of the classification model."""
     exclude = config.get("exclude_modules")
     if exclude and (re.fullmatch(exclude, key) if isinstance(exclude, str) else _matches_list(key, exclude)):
@@ -173,7 +190,7 @@ def _is_target(config: dict, key: str) -> bool:
         return False
     targets = config.get("target_modules")
     if targets is None:
-        targets = DEFAULT_BERT_TARGETS
+        targets = list(default_targets)
     if isinstance(targets, str):
         return re.fullmatch(targets, key) is not None
     if key in targets:
@@ -207,14 +224,16 @@ def matched_targets(config: dict, base: BaseSpec) -> list[str]:
         config = {**config, "target_modules": sorted(targets)}
     elif targets is not None and not isinstance(targets, str | list):
         raise InvalidAdapterError("Field 'target_modules' must be a list of module names or a regex string.")
+    head_modules = (*HEAD_NAMES, *base.head_modules)
     for name in config.get("modules_to_save") or []:
-        if name not in HEAD_NAMES and any(_matches_list(m, [name]) for m in base.module_names):
+        if name not in head_modules and any(_matches_list(m, [name]) for m in base.module_names):
             raise InvalidAdapterError(
-                f"Field 'modules_to_save' lists '{name}'; only the classification head may be saved whole."
+                f"Field 'modules_to_save' lists '{name}'; only the classification head "
+                f"({', '.join(base.head_modules)}) may be saved whole."
             )
     matched = []
     for name in base.module_names:
-        if not _is_target(config, name):
+        if not _is_target(config, name, base.default_targets):
             continue
         path = name.removeprefix(f"{base.prefix}.")
         if path not in base.targets or not name.startswith(f"{base.prefix}."):
@@ -227,22 +246,36 @@ def matched_targets(config: dict, base: BaseSpec) -> list[str]:
     if not matched:
         raise InvalidAdapterError(
             f"Field 'target_modules' ({targets!r}) matches no linear layer of the base model."
+            + base.served(config)
         )
     return matched
 
 
-def _tensor(tensors: dict[str, torch.Tensor], key: str, shape: tuple[int, ...]) -> torch.Tensor:
+def _tensor(tensors: dict[str, torch.Tensor], key: str, shape: tuple[int, ...], served: str) -> torch.Tensor:
     tensor = tensors[key]
     if not tensor.is_floating_point():
         raise InvalidAdapterError(f"Tensor '{key}' has dtype {tensor.dtype}; weights must be floating point.")
     if tuple(tensor.shape) != shape:
         raise InvalidAdapterError(
             f"Tensor '{key}' has shape {list(tensor.shape)}, expected {list(shape)} for this base model."
+            + served
         )
     tensor = tensor.to(torch.float32)
     if not torch.isfinite(tensor).all():
         raise InvalidAdapterError(f"Tensor '{key}' contains NaN or infinite values.")
     return tensor
+
+
+def _check_family(config: dict, tensors: dict[str, torch.Tensor], base: BaseSpec) -> None:
+    """Every tensor lives under the served encoder or its head; anything else is another model's."""
+    own = (base.prefix, *HEAD_NAMES, *base.head_modules)
+    for key in tensors:
+        top = key.removeprefix(KEY_PREFIX).split(".", 1)[0]
+        if key.startswith(KEY_PREFIX) and top not in own:
+            raise InvalidAdapterError(
+                f"Tensor '{key}' belongs to a '{top}' model, not to the served {base.model_type} "
+                f"encoder ('{base.prefix}')." + base.served(config)
+            )
 
 
 def parse_adapter(
@@ -255,6 +288,8 @@ def parse_adapter(
 ) -> AdapterWeights:
     """Check a PEFT SEQ_CLS LoRA adapter against `base` and return its weights in engine form."""
     paths = matched_targets(config, base)
+    _check_family(config, tensors, base)
+    served = base.served(config)
     r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     expected: set[str] = set()
@@ -272,34 +307,17 @@ def parse_adapter(
         key_a, key_b = f"{KEY_PREFIX}{name}.lora_A.weight", f"{KEY_PREFIX}{name}.lora_B.weight"
         for key in (key_a, key_b):
             if key not in tensors:
-                raise InvalidAdapterError(f"Tensor '{key}' is missing: the config targets '{name}'.")
+                raise InvalidAdapterError(f"Tensor '{key}' is missing: the config targets '{name}'." + served)
         expected.update((key_a, key_b))
         scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         modules[path] = LoraModule(
-            lora_A=_tensor(tensors, key_a, (r, in_features)),
-            lora_B=_tensor(tensors, key_b, (out_features, r)),
+            lora_A=_tensor(tensors, key_a, (r, in_features), served),
+            lora_B=_tensor(tensors, key_b, (out_features, r), served),
             scaling=float(scaling),
         )
 
-    head = next((h for h in HEAD_NAMES if f"{KEY_PREFIX}{h}.weight" in tensors), None)
-    if head is None:
-        raise InvalidAdapterError(
-            f"Tensor '{KEY_PREFIX}classifier.weight' is missing: the adapter has no classification head "
-            "(train it with task_type='SEQ_CLS')."
-        )
-    weight_key, bias_key = f"{KEY_PREFIX}{head}.weight", f"{KEY_PREFIX}{head}.bias"
-    head_shape = tuple(tensors[weight_key].shape)
-    if len(head_shape) != 2 or head_shape[1] != base.hidden_size or head_shape[0] < 1:
-        raise InvalidAdapterError(
-            f"Tensor '{weight_key}' has shape {list(head_shape)}, expected [num_labels, {base.hidden_size}]: "
-            "the head was trained for another hidden size."
-        )
-    num_labels = head_shape[0]
-    if bias_key not in tensors:
-        raise InvalidAdapterError(f"Tensor '{bias_key}' is missing.")
-    classifier_weight = _tensor(tensors, weight_key, (num_labels, base.hidden_size))
-    classifier_bias = _tensor(tensors, bias_key, (num_labels,))
-    expected.update((weight_key, bias_key))
+    head, num_labels = _parse_head(config, tensors, base, served)
+    expected.update(KEY_PREFIX + name for name in head if KEY_PREFIX + name in tensors)
 
     unexpected = sorted(set(tensors) - expected)
     if unexpected:
@@ -317,10 +335,46 @@ def parse_adapter(
     short_names = tuple(dict.fromkeys(path.rsplit(".", 1)[-1] for path in paths))
     return AdapterWeights(
         modules=modules,
-        classifier_weight=classifier_weight,
-        classifier_bias=classifier_bias,
+        head=head,
+        num_labels=num_labels,
         labels=tuple(labels),
         rank=max(m.lora_A.shape[0] for m in modules.values()),
         lora_alpha=float(alpha_default),
         target_modules=short_names,
     )
+
+
+def _parse_head(
+    config: dict, tensors: dict[str, torch.Tensor], base: BaseSpec, served: str
+) -> tuple[dict[str, torch.Tensor], int]:
+    """The head's tensors (saved whole by PEFT, or the base checkpoint's own) and its label count."""
+    label_name = next(name for name, shape in base.head_tensors.items() if None in shape and len(shape) == 2)
+    weight_key = KEY_PREFIX + label_name
+    if weight_key not in tensors:
+        raise InvalidAdapterError(
+            f"Tensor '{weight_key}' is missing: the adapter has no classification head "
+            "(train it with task_type='SEQ_CLS')." + served
+        )
+    width = base.head_tensors[label_name][1]
+    head_shape = tuple(tensors[weight_key].shape)
+    if len(head_shape) != 2 or head_shape[1] != width or head_shape[0] < 1:
+        raise InvalidAdapterError(
+            f"Tensor '{weight_key}' has shape {list(head_shape)}, expected [num_labels, {width}]: "
+            "the head was trained for another hidden size." + served
+        )
+    num_labels = head_shape[0]
+    head: dict[str, torch.Tensor] = {}
+    for name, shape in base.head_tensors.items():
+        key = KEY_PREFIX + name
+        if key in tensors:
+            head[name] = _tensor(tensors, key, tuple(num_labels if d is None else d for d in shape), served)
+        elif name in base.head_defaults and None not in shape:
+            head[name] = base.head_defaults[name]
+        else:
+            module = name.rsplit(".", 1)[0]
+            raise InvalidAdapterError(
+                f"Tensor '{key}' is missing: the {base.model_type} classification head includes '{module}', "
+                "which the base checkpoint does not hold, so the adapter must save it; train it with "
+                f"modules_to_save={list(base.head_modules)!r}."
+            )
+    return head, num_labels

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
@@ -27,13 +28,15 @@ from loraplex.settings import Settings
 log = logging.getLogger("loraplex.app")
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, *, engine_factory: Callable[..., Engine] = Engine) -> FastAPI:
+    """The app for `settings`; `engine_factory` is called like `Engine` to build the engine at start-up."""
     app = FastAPI(
         title="loraplex",
         summary="One frozen BERT, many LoRA classification adapters, one forward pass.",
         lifespan=_lifespan,
     )
     app.state.settings = settings
+    app.state.engine_factory = engine_factory
     app.state.metrics = Metrics(settings.metrics_max_adapters)
     app.state.phase = "loading"
     app.state.failure = None  # the exception that stopped start-up
@@ -67,7 +70,7 @@ async def _start(app: FastAPI) -> None:
     s: Settings = app.state.settings
     try:
         engine = await asyncio.to_thread(
-            Engine,
+            app.state.engine_factory,  # Engine unless create_app was given another
             s.model,
             device=s.device,
             dtype=s.dtype,

@@ -1,6 +1,7 @@
-"""The engine: one frozen BERT encoder, many LoRA adapters in preallocated slots, one forward pass.
+"""The engine: one frozen encoder, many LoRA adapters in preallocated slots, one forward pass.
 
     engine = Engine()                       # the embedded all-MiniLM-L6-v2 on cpu (cuda when available)
+    engine = Engine("path/to/roberta")      # any served family (`loraplex.models`), by config.model_type
     engine.load_slot(0, adapter)            # loraplex.adapters.peft.AdapterWeights
     ids = engine.tokenize(["great", "awful"])
     logits = engine.classify(ids, [0, 0])   # one 1-D tensor per row, over that adapter's labels
@@ -20,8 +21,10 @@ from pathlib import Path
 import torch
 from loraplex.adapters.errors import InvalidAdapterError, InvalidInputError
 from loraplex.adapters.peft import AdapterWeights, BaseSpec
-from loraplex.model import LAYER_TARGETS, QKV, MultiLoraBert
-from transformers import AutoConfig, AutoModel, AutoTokenizer
+from loraplex.heads import head_tensors
+from loraplex.model import MultiLoraModel
+from loraplex.models import family_for
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -65,16 +68,25 @@ class Engine:
             raise ValueError("half precision is for cuda; use dtype float32 on cpu")
         model = str(model or default_model_dir())
         config = AutoConfig.from_pretrained(model)
-        if config.model_type != "bert":
-            raise ValueError(f"{model} is a {config.model_type!r} model; loraplex serves BERT encoders")
+        try:
+            self.family = family_for(config.model_type)
+        except ValueError as exc:
+            raise ValueError(f"{model}: {exc}") from None
         self.tokenizer = AutoTokenizer.from_pretrained(model)
-        bert = AutoModel.from_pretrained(model, config=config, add_pooling_layer=True).eval()
-        self.base = _base_spec(bert, self.tokenizer)
+        # The family's classification model, so that every module name is the one PEFT sees, and any head
+        # weights the checkpoint holds (ModernBERT's MLM head) are loaded as PEFT would load them.
+        seq_cls, loading = AutoModelForSequenceClassification.from_pretrained(
+            model, config=config, output_loading_info=True, ignore_mismatched_sizes=True
+        )
+        seq_cls.eval()
         self.num_slots = num_slots
         self.max_rank = max_rank
         self.max_labels = max_labels
         self.empty_slot = num_slots  # reserved: no adapter, always zero
-        self.model = MultiLoraBert(bert, num_slots + 1, max_rank, max_labels, DTYPES[dtype]).to(self.device)
+        self.model = MultiLoraModel(self.family, seq_cls, num_slots + 1, max_rank, max_labels, DTYPES[dtype])
+        self.base = _base_spec(model, self.family, seq_cls, self.model, self.tokenizer, loading)
+        del seq_cls
+        self.model.to(self.device)
         self.packed = self.model.pack() if self.device.type == "cpu" else False
         # Padded tokens per group and the fixed cost of a group, in tokens; None: one group per batch.
         self.group_tokens: int | None = CPU_GROUP_TOKENS if self.device.type == "cpu" else None
@@ -163,25 +175,13 @@ class Engine:
 
     @torch.inference_mode()
     def _write(self, slot: int, adapter: AdapterWeights | None) -> None:
-        def parts(path: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        for path, (linear, part) in self.model.targets.items():
             module = adapter.modules.get(path) if adapter else None
             if module is None:
-                return None, None
-            return module.lora_A.to(self.device), (module.lora_B * module.scaling).to(self.device)
-
-        model = self.model
-        for i, layer in enumerate(model.layers):
-            for part, name in enumerate(QKV):
-                layer.qkv.write(slot, part, *parts(f"encoder.layer.{i}.{name}"))
-            for attr, name in LAYER_TARGETS.items():
-                getattr(layer, attr).write(slot, 0, *parts(f"encoder.layer.{i}.{name}"))
-        model.pooler.write(slot, 0, *parts("pooler.dense"))
-        model.head_weight[slot].zero_()
-        model.head_bias[slot].zero_()
-        if adapter is not None:
-            n = adapter.num_labels
-            model.head_weight[slot, :n].copy_(adapter.classifier_weight)
-            model.head_bias[slot, :n].copy_(adapter.classifier_bias)
+                linear.write(slot, part, None, None)
+            else:
+                linear.write(slot, part, module.lora_A, module.lora_B * module.scaling)
+        self.model.head.write(slot, adapter.head if adapter else None)
 
 
 def length_groups(lengths: list[int], max_tokens: int | None, cost_tokens: int) -> list[int]:
@@ -212,21 +212,29 @@ def length_groups(lengths: list[int], max_tokens: int | None, cost_tokens: int) 
     return sizes[::-1]
 
 
-def _base_spec(bert, tokenizer) -> BaseSpec:
-    config = bert.config
-    prefix = "bert"
-    targets: dict[str, tuple[int, int]] = {}
-    for name, module in bert.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            targets[name] = (module.in_features, module.out_features)
-    names = ["", prefix] + [f"{prefix}.{n}" for n, _ in bert.named_modules() if n] + ["dropout", "classifier"]
-    positions = config.max_position_embeddings
+def _base_spec(model: str, family, seq_cls, multi: MultiLoraModel, tokenizer, loading: dict) -> BaseSpec:
+    config = seq_cls.config
+    targets = {path: (linear.in_features, linear.part_out) for path, (linear, _) in multi.targets.items()}
+    heads = head_tensors(multi.head_stages, config.hidden_size)
+    missing = set(loading.get("missing_keys", ())) | {k for k, *_ in loading.get("mismatched_keys", ())}
+    state = seq_cls.state_dict()
+    defaults = {
+        name: state[name].detach().float().clone()
+        for name, shape in heads.items()
+        if None not in shape and name in state and name not in missing
+    }
+    positions = family.max_length(config)
     max_length = min(positions, tokenizer.model_max_length or positions)
     return BaseSpec(
-        prefix=prefix,
+        model_name=model,
+        model_type=config.model_type,
+        prefix=family.PREFIX,
         hidden_size=config.hidden_size,
         num_layers=config.num_hidden_layers,
         max_length=int(max_length),
         targets=targets,
-        module_names=tuple(names),
+        module_names=("", *(name for name, _ in seq_cls.named_modules() if name)),
+        default_targets=tuple(family.DEFAULT_TARGETS),
+        head_tensors=heads,
+        head_defaults=defaults,
     )

@@ -16,14 +16,61 @@ import logging
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 log = logging.getLogger(__name__)
+
+
+class SlotLinear(nn.Module):
+    """Frozen linear layers that read one input, fused into one matmul, plus `slots` LoRA deltas.
+
+    `parts` linears of equal shape (query, key and value; or a single one) are concatenated along the
+    output; each part's LoRA sits in its own block of a block-diagonal `lora_B`, so one gathered shrink
+    and one gathered expand serve them all. Every encoder family builds its LoRA-capable linears from this.
+    """
+
+    def __init__(self, linears: list[nn.Linear], slots: int, r_max: int, dtype: torch.dtype):
+        super().__init__()
+        self.parts = len(linears)
+        self.part_out, self.in_features = linears[0].weight.shape
+        weight = torch.cat([lin.weight.detach() for lin in linears]).to(dtype)  # [parts * out, in]
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        if linears[0].bias is not None:
+            bias = torch.cat([lin.bias.detach() for lin in linears]).to(dtype)  # [parts * out]
+            self.bias = nn.Parameter(bias, requires_grad=False)
+        else:
+            self.bias = None
+        # [slots, parts, r_max, in] and [slots, parts * out, parts, r_max]
+        self.register_buffer("lora_A", torch.zeros(slots, self.parts, r_max, self.in_features, dtype=dtype))
+        self.register_buffer("lora_B", torch.zeros(slots, weight.shape[0], self.parts, r_max, dtype=dtype))
+
+        self.packed: torch.Tensor | None = None  # the weight prepacked for the CPU matmul (`pack`)
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, rank: int) -> torch.Tensor:
+        return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, idx, rank, self.packed)
+
+    def pack(self) -> bool:
+        """Prepack the frozen weight for the CPU matmul (on the final device); drops the plain copy."""
+        self.packed = pack_weight(self.weight, self.bias)
+        if self.packed is not None:
+            self.weight = None
+        return self.packed is not None
+
+    def write(self, slot: int, part: int, lora_A: torch.Tensor | None, lora_B: torch.Tensor | None) -> None:
+        """Put one part's `lora_A [r, in]` and scaled `lora_B [out, r]` in `slot`; None clears the part."""
+        rows = slice(part * self.part_out, (part + 1) * self.part_out)
+        self.lora_A[slot, part].zero_()
+        self.lora_B[slot, rows, part].zero_()
+        if lora_A is not None:
+            r = lora_A.shape[0]
+            self.lora_A[slot, part, :r].copy_(lora_A)
+            self.lora_B[slot, rows, part, :r].copy_(lora_B)
 
 
 def lora_linear(
     x: torch.Tensor,  # [B, T, in]
     weight: torch.Tensor | None,  # [out, in], frozen; may be None when `packed` is given
-    bias: torch.Tensor,  # [out]
+    bias: torch.Tensor | None,  # [out]
     lora_A: torch.Tensor,  # [slots, parts, r_max, in]
     lora_B: torch.Tensor,  # [slots, out, parts, r_max], scaling folded in; part p feeds only its outputs
     idx: torch.Tensor,  # [B] int64, slot of each row
@@ -45,13 +92,14 @@ def lora_linear(
     if packed is not None:
         y = frozen_linear(flat, weight, bias, packed).view(batch, tokens, out_features)
         return y.baddbmm_(h, b.transpose(1, 2))  # the expand adds the delta in place
-    y = torch.baddbmm(bias, h, b.transpose(1, 2))  # [B, T, out]: bias + delta
+    # [B, T, out]: bias + delta
+    y = h @ b.transpose(1, 2) if bias is None else torch.baddbmm(bias, h, b.transpose(1, 2))
     y.view(-1, out_features).addmm_(flat, weight.t())
     return y
 
 
 def frozen_linear(
-    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor, packed: torch.Tensor | None
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, packed: torch.Tensor | None
 ) -> torch.Tensor:
     """`x [N, in] @ weight.T + bias`, by oneDNN over the prepacked weight when there is one."""
     if packed is not None:
@@ -59,7 +107,7 @@ def frozen_linear(
     return F.linear(x, weight, bias)
 
 
-def pack_weight(weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor | None:
+def pack_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
     """`weight` reordered for oneDNN's CPU matmul, or None where that matmul is not available.
 
     Only fp32 CPU weights are packed. The packed matmul is checked once against `F.linear` here, so a

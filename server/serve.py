@@ -21,7 +21,8 @@ from loraplex.settings import SettingsError, build_parser, load_settings
 log = logging.getLogger("loraplex.serve")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, engine_factory=None) -> int:
+    """Run the server; `engine_factory` (called like `loraplex.engine.Engine`) replaces the engine class."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] in (["-h"], ["--help"]):
         build_parser().print_help()
@@ -37,7 +38,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from loraplex.app import create_app  # imports torch: only after the settings are known to be good
 
-    app = create_app(settings)
+    app = (
+        create_app(settings)
+        if engine_factory is None
+        else create_app(settings, engine_factory=engine_factory)
+    )
     config = uvicorn.Config(
         app,
         host=settings.host,

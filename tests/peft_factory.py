@@ -24,7 +24,7 @@ def save_peft_adapter(
     *,
     r: int = 8,
     lora_alpha: float = 16,
-    target_modules: list[str] | str = ("query", "value"),
+    target_modules: list[str] | str | None = ("query", "value"),
     num_labels: int = 3,
     seed: int = 0,
     labels: list[str] | None = None,
@@ -34,7 +34,7 @@ def save_peft_adapter(
     """Save a PEFT SEQ_CLS LoRA adapter with random non-zero weights; also writes labels.json."""
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels)
-    if not isinstance(target_modules, str):
+    if target_modules is not None and not isinstance(target_modules, str):
         target_modules = list(target_modules)
     config = LoraConfig(
         task_type=TaskType.SEQ_CLS,
@@ -51,8 +51,12 @@ def save_peft_adapter(
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0.0, 0.02)
-            elif "classifier" in name:
-                param.normal_(0.0, 0.5)
+            elif "modules_to_save" in name and param.dim() == 2 and param.shape[0] == num_labels:
+                param.normal_(0.0, 0.5)  # the layer that outputs the labels
+            elif "modules_to_save" in name and param.dim() == 1 and "norm" in name and "weight" in name:
+                param.normal_(1.0, 0.1)
+            elif "modules_to_save" in name:
+                param.normal_(0.0, 0.1)  # the rest of a head saved whole (dense layers before the labels)
     out = Path(out_dir)
     peft_model.save_pretrained(out)
     names = labels or [f"label_{seed}_{i}" for i in range(num_labels)]
@@ -67,5 +71,5 @@ def peft_logits(adapter_dir: str | Path, texts: list[str], model_dir: str | Path
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels)
     peft_model = PeftModel.from_pretrained(model, adapter_dir).eval()
     batch = tokenizer()(texts, padding=True, truncation=True, return_tensors="pt")
-    with torch.inference_mode():
-        return peft_model(**batch).logits.float()
+    with torch.inference_mode():  # single texts: token types are all zero, which is every family's default
+        return peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()

@@ -89,8 +89,8 @@ def test_lora_delta_is_material(engine, adapters):
     _, weights, expected = adapters[0]
     head_only = AdapterWeights(
         modules={},
-        classifier_weight=weights.classifier_weight,
-        classifier_bias=weights.classifier_bias,
+        head=weights.head,
+        num_labels=weights.num_labels,
         labels=weights.labels,
         rank=1,
         lora_alpha=1.0,

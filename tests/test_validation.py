@@ -236,7 +236,7 @@ def test_good_adapter_passes_and_matches_peft(engine, good_dir):
     assert record.version == validated.files.version()
     # Stored bytes load back to the same weights, and the engine with them computes what PEFT computes.
     again = load_stored(validated.files, engine.base, max_rank=MAX_RANK, max_labels=MAX_LABELS)
-    assert torch.equal(again.classifier_weight, validated.weights.classifier_weight)
+    assert torch.equal(again.head["classifier.weight"], validated.weights.head["classifier.weight"])
     engine.load_slot(0, again)
     ids = engine.tokenize(TEXTS)
     ours = torch.stack(engine.classify(ids, [0] * len(ids)))
