@@ -39,7 +39,7 @@ def tiny_config_kwargs() -> dict:
 
 
 def save_model(root: Path, config: PretrainedConfig, *, model_class=AutoModel, seed: int = 0) -> Path:
-    """A random-weight model of `config`'s family saved with save_pretrained, the MiniLM tokenizer beside it."""
+    """A random-weight model of `config`'s family, saved with save_pretrained; the MiniLM tokenizer beside."""
     torch.manual_seed(seed)
     model = model_class.from_config(config).eval()
     out = Path(root)
