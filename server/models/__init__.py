@@ -18,17 +18,26 @@ op, slot tensors, stacked heads and length grouping are shared code):
 
 from __future__ import annotations
 
+import importlib
 from types import ModuleType
 
-from loraplex.models import bert
-
-FAMILIES: tuple[ModuleType, ...] = (bert,)
+# config.model_type -> the module of `loraplex.models` that serves it
+FAMILIES = {
+    "bert": "bert",
+    "roberta": "roberta",
+    "xlm-roberta": "roberta",
+    "camembert": "roberta",
+    "distilbert": "distilbert",
+    "electra": "electra",
+    "deberta-v2": "deberta_v2",
+    "modernbert": "modernbert",
+}
 
 
 def family_for(model_type: str) -> ModuleType:
     """The family module that serves `model_type`; ValueError naming the supported ones otherwise."""
-    for family in FAMILIES:
-        if model_type in family.MODEL_TYPES:
-            return family
-    supported = sorted(t for family in FAMILIES for t in family.MODEL_TYPES)
-    raise ValueError(f"model_type {model_type!r} is not served; loraplex serves {', '.join(supported)}")
+    if model_type not in FAMILIES:
+        raise ValueError(f"model_type {model_type!r} is not served; loraplex serves {', '.join(FAMILIES)}")
+    family = importlib.import_module(f"loraplex.models.{FAMILIES[model_type]}")
+    assert model_type in family.MODEL_TYPES, (model_type, family.__name__)
+    return family
