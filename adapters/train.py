@@ -263,8 +263,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     m.add_argument("--dropout", type=float, default=0.1, help="lora_dropout (training only)")
     m.add_argument(
         "--target-modules",
-        default="query,value",
-        help="comma-separated module names to adapt (e.g. query,key,value,dense), or all-linear",
+        help="comma-separated module names to adapt (e.g. query,key,value,dense), or all-linear "
+        "(default: PEFT's default for the model's family, e.g. query,value for BERT and RoBERTa)",
     )
     t = p.add_argument_group("optimisation")
     t.add_argument("--epochs", type=float, default=3.0)
@@ -362,6 +362,8 @@ def train(
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
     from transformers.utils import logging as transformers_logging
 
+    from loraplex.models import family_for, head_modules
+
     model_dir = args.model or _default_model()
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -383,22 +385,30 @@ def train(
         )
     finally:
         transformers_logging.set_verbosity(verbosity)
-    limit = base.config.max_position_embeddings
+    try:
+        family = family_for(base.config.model_type)
+    except ValueError as e:
+        raise TrainingDataError(f"--model {model_dir}: {e}.") from None
+    limit = family.max_length(base.config)
     if args.max_length > limit:
         raise TrainingDataError(
             f"--max-length {args.max_length} is over the model's maximum of {limit} tokens."
         )
-    targets = (
-        args.target_modules
-        if args.target_modules == "all-linear"
-        else [s.strip() for s in args.target_modules.split(",") if s.strip()]
-    )
+    if args.target_modules is None:
+        targets = list(family.DEFAULT_TARGETS)
+    elif args.target_modules == "all-linear":
+        targets = args.target_modules
+    else:
+        targets = [s.strip() for s in args.target_modules.split(",") if s.strip()]
     config = LoraConfig(
         task_type=TaskType.SEQ_CLS,
         r=args.rank,
         lora_alpha=args.alpha,
         lora_dropout=args.dropout,
         target_modules=targets,
+        # The whole head is trained and saved, also the parts PEFT's default would leave at their random
+        # initialisation (DistilBERT's pre_classifier, DeBERTa's pooler): the server needs every weight.
+        modules_to_save=head_modules(family, base.config),
     )
     try:
         with warnings.catch_warnings():

@@ -18,11 +18,12 @@ from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
+
 from loraplex.adapters.errors import InvalidAdapterError, PayloadTooLargeError, UnsupportedMediaError
 from loraplex.adapters.peft import AdapterWeights, BaseSpec, parse_adapter
 from loraplex.adapters.store import AdapterFiles, AdapterRecord, check_adapter_id, utc_now
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors_bytes
 
 MAX_CONFIG_BYTES = 1 << 20
 MAX_LABELS_BYTES = 1 << 16

@@ -52,10 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
 
-    from loraplex.adapters.peft import parse_adapter
-    from loraplex.engine import Engine, length_groups
     from peft import get_peft_model_state_dict
     from transformers import AutoModelForSequenceClassification
+
+    from loraplex.adapters.peft import parse_adapter
+    from loraplex.engine import Engine, length_groups
 
     path = model_dir(args.model)
     ks = [int(k) for k in args.ks.split(",")]

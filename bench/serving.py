@@ -46,9 +46,10 @@ def make_adapters(root: Path, k: int, rank: int) -> list[Path]:
 def engine_only(folders: list[Path], texts: list[str], rows: int, rank: int, reps: int) -> float:
     """Rows per second of the engine alone on `rows`-row batches, each row for a different adapter."""
     import torch
+    from safetensors.torch import load_file
+
     from loraplex.adapters.peft import parse_adapter
     from loraplex.engine import Engine
-    from safetensors.torch import load_file
 
     engine = Engine(num_slots=len(folders), max_rank=rank)
     for slot, folder in enumerate(folders):

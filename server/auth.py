@@ -9,8 +9,9 @@ import hmac
 from typing import Annotated
 
 from fastapi import Depends, Request
-from loraplex.errors import UnauthorizedError
 from pydantic import SecretStr
+
+from loraplex.errors import UnauthorizedError
 
 
 def _bearer(request: Request) -> bytes | None:

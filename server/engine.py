@@ -19,12 +19,13 @@ import logging
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
 from loraplex.adapters.errors import InvalidAdapterError, InvalidInputError
 from loraplex.adapters.peft import AdapterWeights, BaseSpec
 from loraplex.heads import head_tensors
 from loraplex.model import MultiLoraModel
 from loraplex.models import family_for
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 log = logging.getLogger(__name__)
 

@@ -6,9 +6,10 @@ import json
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from loraplex.adapters.errors import LoraplexError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+
+from loraplex.adapters.errors import LoraplexError
 
 STATUS = {
     "validation": 422,

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import time
 
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
 from loraplex.adapters.errors import PayloadTooLargeError, UnavailableError
 from loraplex.errors import response_for
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # Routes that never queue work: open during loading and draining, not counted as in flight.
 OPS_PATHS = frozenset(

@@ -11,9 +11,10 @@ from __future__ import annotations
 from types import ModuleType
 
 import torch
+from torch import nn
+
 from loraplex.heads import SlotHead
 from loraplex.lora import SlotLinear
-from torch import nn
 
 
 class MultiLoraModel(nn.Module):

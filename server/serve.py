@@ -15,6 +15,7 @@ import sys
 from types import FrameType
 
 import uvicorn
+
 from loraplex.adapters.errors import LoraplexError
 from loraplex.settings import SettingsError, build_parser, load_settings
 

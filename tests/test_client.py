@@ -15,6 +15,7 @@ import time
 import httpx
 import pytest
 import torch
+
 from loraplex import client_cli
 from loraplex.adapters.store import AdapterFiles, AdapterRecord, DirectoryStore, utc_now
 from loraplex.client import (
@@ -34,7 +35,6 @@ from loraplex.client import (
     ValidationError,
     error_from_response,
 )
-
 from tests.live_server import REPO, LiveServer, free_port
 from tests.peft_factory import peft_logits, save_peft_adapter
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from loraplex.settings import Settings
 
+from loraplex.settings import Settings
 from tests.deploy_support import (
     NGINX_TEMPLATE,
     REPO,

@@ -6,6 +6,7 @@ import itertools
 import random
 
 import pytest
+
 from loraplex.engine import length_groups
 
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from loraplex.adapters.errors import NotFoundError
 from loraplex.adapters.registry import Registry
 from loraplex.adapters.store import AdapterRecord, DirectoryStore
 from loraplex.engine import Engine
-
 from tests.lifecycle_support import TEXTS, AdapterFactory, PeftReference
 
 

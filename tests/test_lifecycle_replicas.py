@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from loraplex.adapters.store import AdapterFiles, DirectoryStore
 
+from loraplex.adapters.store import AdapterFiles, DirectoryStore
 from tests.lifecycle_support import TEXTS, AdapterFactory, PeftReference, raw_logits, upload
 from tests.live_server import LiveServer
 from tests.test_store import assert_consistent

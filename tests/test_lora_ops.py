@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from loraplex.lora import lora_linear, pack_weight
 
 SLOTS, R_MAX, IN, OUT, BATCH, TOKENS = 16, 16, 24, 40, 12, 5

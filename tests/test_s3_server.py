@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from loraplex.adapters.store_s3 import make_client
 
+from loraplex.adapters.store_s3 import make_client
 from tests.deploy_support import Nginx, free_port, render_nginx_template, upload
 from tests.live_server import LiveServer
 from tests.peft_factory import peft_logits, save_peft_adapter

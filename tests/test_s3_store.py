@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+
 from loraplex.adapters.errors import NotFoundError, UnavailableError
 from loraplex.adapters.store import AdapterFiles, AdapterRecord, utc_now
 from loraplex.adapters.store_s3 import S3Store, make_client, parse_s3_url

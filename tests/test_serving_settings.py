@@ -10,9 +10,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from loraplex import serve
 from loraplex.settings import ENV_PREFIX, Settings, load_settings, option_flag
-
 from tests.live_server import REPO, free_port
 
 # A valid value that differs from the default, for every setting, and what it parses to.

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from loraplex.adapters.errors import InvalidAdapterError, NotFoundError
 from loraplex.adapters.store import AdapterFiles, AdapterRecord, DirectoryStore, utc_now
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from loraplex.adapters.train import Examples, classification_metrics, main, split_examples
-from loraplex.client import Client
 from safetensors.torch import load_file
 
+from loraplex.adapters.train import Examples, classification_metrics, main, split_examples
+from loraplex.client import Client
 from tests.live_server import LiveServer
 from tests.peft_factory import peft_logits
 

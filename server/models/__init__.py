@@ -41,3 +41,10 @@ def family_for(model_type: str) -> ModuleType:
     family = importlib.import_module(f"loraplex.models.{FAMILIES[model_type]}")
     assert model_type in family.MODEL_TYPES, (model_type, family.__name__)
     return family
+
+
+def head_modules(family: ModuleType, config) -> list[str]:
+    """Top-level modules of the family's head, e.g. ["pre_classifier", "classifier"]: what PEFT must save."""
+    return list(
+        dict.fromkeys(stage.path.split(".", 1)[0] for stage in family.head(config) if hasattr(stage, "path"))
+    )

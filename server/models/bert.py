@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from loraplex.heads import Dense
-from loraplex.lora import SlotLinear
 from torch import nn
 from transformers.activations import ACT2FN
+
+from loraplex.heads import Dense
+from loraplex.lora import SlotLinear
 
 MODEL_TYPES = ("bert",)
 PREFIX = "bert"

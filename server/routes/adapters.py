@@ -5,6 +5,10 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Request, Response
+from pydantic import BaseModel, Field
+from starlette.datastructures import FormData, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
 from loraplex.adapters.errors import (
     BadRequestError,
     InvalidAdapterError,
@@ -16,9 +20,6 @@ from loraplex.adapters.store import AdapterRecord, check_adapter_id
 from loraplex.adapters.validate import MAX_CONFIG_BYTES, MAX_LABELS_BYTES, limited, parse_labels
 from loraplex.auth import AdminAuth, ApiKeyAuth
 from loraplex.schemas import ERROR_RESPONSES
-from pydantic import BaseModel, Field
-from starlette.datastructures import FormData, UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
 
 router = APIRouter(tags=["adapters"])
 

@@ -8,6 +8,8 @@ import time
 
 import torch
 from fastapi import APIRouter, Request, Response
+from pydantic import ValidationError
+
 from loraplex.adapters.errors import (
     BadRequestError,
     InvalidAdapterError,
@@ -19,7 +21,6 @@ from loraplex.auth import ApiKeyAuth
 from loraplex.batcher import Batcher, Job
 from loraplex.errors import describe_validation, error_response
 from loraplex.schemas import ERROR_RESPONSES, ClassifyRequest, ClassifyResponse
-from pydantic import ValidationError
 
 router = APIRouter(tags=["inference"])
 
