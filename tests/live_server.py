@@ -12,6 +12,8 @@ from pathlib import Path
 
 import httpx
 
+from tests.paced_engine import EngineControl, time_factor
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -22,7 +24,12 @@ def free_port() -> int:
 
 
 class LiveServer:
-    """`loraplex serve` in a subprocess; `with LiveServer(...) as srv:` waits for /ready."""
+    """`loraplex serve` in a subprocess; `with LiveServer(...) as srv:` waits for /ready.
+
+    With `control`, or with LORAPLEX_TEST_ENGINE_SPEED set to a factor other than 1, the server runs
+    `tests.paced_engine`'s engine: the real one, slowed or sped up by that factor and, through
+    `control`, paced and held by the test (see tests/paced_engine.py).
+    """
 
     def __init__(
         self,
@@ -30,11 +37,14 @@ class LiveServer:
         env: dict[str, str] | None = None,
         port: int | None = None,
         ready_timeout: float = 120.0,
+        control: EngineControl | None = None,
     ):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.args = list(args)
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.control = control
+        controlled = control.env() if control else {}
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **controlled, **(env or {})}
         self.ready_timeout = ready_timeout
         self.proc: subprocess.Popen | None = None
         self.log_path: Path | None = None
@@ -44,11 +54,12 @@ class LiveServer:
 
         fd, path = tempfile.mkstemp(prefix="loraplex-server-", suffix=".log")
         self.log_path = Path(path)
+        paced = self.control is not None or time_factor() != 1
         self.proc = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
-                "loraplex",
+                "tests.paced_engine" if paced else "loraplex",
                 "serve",
                 "--host",
                 "127.0.0.1",
