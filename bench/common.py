@@ -26,21 +26,50 @@ def tweets(n: int, seed: int = 0) -> list[str]:
     return texts[:n]
 
 
+# Base-sized shapes of each family, random weights (cost does not depend on the weights).
+SHAPES = {
+    "bert-base": ("BertConfig", dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12)),
+    "modernbert-base": (
+        "ModernBertConfig",
+        dict(hidden_size=768, num_hidden_layers=22, num_attention_heads=12, intermediate_size=1152),
+    ),
+    "deberta-v3-base": (
+        "DebertaV2Config",
+        dict(
+            hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+            relative_attention=True, position_buckets=256, norm_rel_ebd="layer_norm", share_att_key=True,
+            pos_att_type=["p2c", "c2p"], position_biased_input=False, type_vocab_size=0,
+            max_relative_positions=-1, max_position_embeddings=512,
+        ),
+    ),
+}  # fmt: skip
+# LoRA on every linear layer of the encoder, by family (PEFT's module names)
+ALL_LINEAR = {
+    "bert": ["query", "key", "value", "dense"],
+    "modernbert": ["Wqkv", "Wo", "Wi"],
+    "deberta-v2": ["query_proj", "key_proj", "value_proj", "output.dense", "intermediate.dense"],
+}
+
+
 def model_dir(name: str) -> str:
-    """`minilm`: the embedded model; `bert-base`: hidden 768, 12 layers, random weights (cost is the same)."""
+    """`minilm`: the embedded model; else a base-sized shape of `SHAPES`, saved with random weights."""
     if name == "minilm":
         return str(MODEL_DIR)
-    if name != "bert-base":
-        raise ValueError(f"unknown model {name!r}")
+    if name not in SHAPES:
+        raise ValueError(f"unknown model {name!r}; one of minilm, {', '.join(SHAPES)}")
     import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    import transformers
+    from transformers import AutoModel, AutoTokenizer
 
-    out = Path(tempfile.mkdtemp(prefix="loraplex-bert-base-"))
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    class_name, kwargs = SHAPES[name]
+    config = getattr(transformers, class_name)(
+        vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id, **kwargs
+    )
+    out = Path(tempfile.mkdtemp(prefix=f"loraplex-{name}-"))
     torch.manual_seed(0)
-    BertModel(
-        BertConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
-    ).save_pretrained(out)
-    AutoTokenizer.from_pretrained(MODEL_DIR).save_pretrained(out)
+    AutoModel.from_config(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
     return str(out)
 
 

@@ -1,7 +1,7 @@
 """Engine throughput on one 64-row batch of real tweets: bare model vs loraplex vs PEFT.
 
     python bench/engine.py --model minilm --json bench/out/engine-minilm.json
-    python bench/engine.py --model bert-base
+    python bench/engine.py --model bert-base        # also modernbert-base, deberta-v3-base
 
 (a) the bare Hugging Face model, no LoRA; (b) the loraplex engine with K distinct rank-8 adapters on every
 linear layer; (c) PEFT's mixed-batch inference (`adapter_names=`); (d) PEFT with `set_adapter` per
@@ -21,19 +21,25 @@ import torch
 # The repository, not bench/, first on the path, so that `bench` and `tests` import as packages.
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from bench.common import interleaved_medians, model_dir, tweets  # noqa: E402
-
-ALL_LINEAR = ["query", "key", "value", "dense"]
+from bench.common import ALL_LINEAR, SHAPES, interleaved_medians, model_dir, tweets  # noqa: E402
 
 
 def peft_model_with_adapters(path: str, k: int, num_labels: int = 3):
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
+    from loraplex.models import family_for, head_modules
+
     torch.manual_seed(0)
     base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels).eval()
+    family = family_for(base.config.model_type)
     config = LoraConfig(
-        task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16, target_modules=ALL_LINEAR, init_lora_weights=False
+        task_type=TaskType.SEQ_CLS,
+        r=8,
+        lora_alpha=16,
+        target_modules=ALL_LINEAR[base.config.model_type],
+        modules_to_save=head_modules(family, base.config),
+        init_lora_weights=False,
     )
     model = get_peft_model(base, config, adapter_name="a0")
     for i in range(1, k):
@@ -45,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default="minilm", choices=["minilm", "bert-base"])
+    parser.add_argument("--model", default="minilm", choices=["minilm", *SHAPES])
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--ks", default="1,8,64")
     parser.add_argument("--reps", type=int, default=7)

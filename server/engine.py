@@ -36,6 +36,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # costs in proportion to hidden^2, so that worth scales with (384 / hidden)^2 (measured: 16 is best
 # at hidden 768).
 CPU_GROUP_TOKENS = 1024
+WARMUP_TOKENS = 512
 CPU_GROUP_COST_TOKENS_AT_384 = 64
 
 
@@ -170,8 +171,11 @@ class Engine:
         )
 
     def warmup(self) -> None:
-        """Run a full-length pass once so that first requests do not pay for lazy initialisation."""
-        for length in (8, self.base.max_length):
+        """Run a short and a long pass once so that first requests do not pay for lazy initialisation.
+
+        The long pass is capped at WARMUP_TOKENS: a model with 8k positions would spend minutes on a full one.
+        """
+        for length in (8, min(self.base.max_length, WARMUP_TOKENS)):
             self.classify([[self.tokenizer.cls_token_id] * length] * 2, [self.empty_slot] * 2)
 
     def _check_slot(self, slot: int) -> None:
