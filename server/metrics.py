@@ -9,6 +9,15 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 OTHER_ADAPTERS = "other"
+# The `method` label of the request metric: a client may send any token as the method, so anything else
+# counts as "other" and the label set stays bounded.
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"})
+OTHER_METHODS = "other"
+
+
+def method_label(method: str) -> str:
+    """`method` if it is a standard HTTP method, else "other"."""
+    return method if method in HTTP_METHODS else OTHER_METHODS
 
 
 class Metrics:
@@ -18,7 +27,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "loraplex_requests", "HTTP requests by route template, method and status.",
+            "loraplex_requests", "HTTP requests by route template, method (unknown: 'other') and status.",
             ["route", "method", "status"], registry=r,
         )  # fmt: skip
         self.request_seconds = Histogram(

@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from loraplex.adapters.errors import PayloadTooLargeError, UnavailableError
 from loraplex.errors import response_for
+from loraplex.metrics import method_label
 
 # Routes that never queue work: open during loading and draining, not counted as in flight.
 OPS_PATHS = frozenset(
@@ -66,7 +67,7 @@ class ServingMiddleware:
         finally:
             route = scope.get("route")
             label = route.path if route is not None else "unmatched"
-            state.metrics.requests.labels(label, scope["method"], str(status)).inc()
+            state.metrics.requests.labels(label, method_label(scope["method"]), str(status)).inc()
             state.metrics.request_seconds.labels(label).observe(time.perf_counter() - started)
 
     @staticmethod

@@ -146,6 +146,21 @@ def test_declared_oversize_body_is_refused_before_it_is_sent(srv):
     assert '"error_type": "payload_too_large"' in reply
 
 
+def test_request_metric_method_label_takes_no_client_string(srv):
+    # Methods the HTTP parser lets through (WebDAV and cache ones) and made-up ones (refused or not,
+    # depending on the parser): none may become a label of its own.
+    made_up = ["PROPFIND", "PURGE", "MKCOL", "FROBNICATE", "X" * 64]
+    for method in made_up:
+        httpx.request(method, srv.url + "/classify", timeout=60)
+    httpx.request("OPTIONS", srv.url + "/classify", timeout=60)
+    samples = metrics(srv.url)
+    methods = {dict(labels)["method"] for name, labels in samples if name == "loraplex_requests_total"}
+    assert "other" in methods and "OPTIONS" in methods and "GET" in methods
+    standard = {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"}
+    assert methods <= standard | {"other"}
+    assert not methods & set(made_up)
+
+
 def test_server_still_correct_and_never_500_after_bad_input(srv):
     ref = reference()
     response = httpx.post(srv.url + "/classify", json={"adapter_id": "sent", "inputs": TEXTS}, timeout=60)
