@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+
 from loraplex.adapters.errors import InvalidAdapterError, LoraplexError
 from loraplex.adapters.registry import Registry
 from loraplex.adapters.store import open_store
