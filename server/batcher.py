@@ -9,6 +9,10 @@ for more entries. Results go back to each request's future; a request's rows may
     job = batcher.submit(token_ids, handle)   # OverloadedError when the queue is full
     await job.future                          # job.logits[i]: the logits of input i
     batcher.cancel(job, "disconnect")         # drops what is still queued (timeouts, gone clients)
+
+A cancel costs O(1), whatever the queue's length: it closes the job, whose queued entries are then
+skipped (and discarded) when the worker next takes a batch; `depth` counts only the live ones. When
+more than half of the queue is skipped entries, the queue is rebuilt once without them.
 """
 
 from __future__ import annotations
@@ -18,9 +22,11 @@ import logging
 import math
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import torch
+
 from loraplex.adapters.errors import LoraplexError, OverloadedError, UnavailableError
 from loraplex.metrics import Metrics
 
@@ -37,6 +43,7 @@ class Job:
     logits: list[torch.Tensor | None]  # [num_labels] per input, filled in by the worker
     # Worker-thread bookkeeping; the event loop reads it only after `future` is done.
     remaining: int
+    queued: int = 0  # entries still waiting in the queue (under the batcher's lock)
     started_at: float | None = None  # start of the first batch that ran one of its rows
     finished_at: float | None = None
     closed: bool = False  # cancelled or failed: queued rows are gone, late results are ignored
@@ -55,6 +62,11 @@ class Entry:
     job: Job
     index: int  # position of this input in its request
     token_ids: list[int]
+    taken: bool = False  # in a batch; an entry taken or of a closed job is skipped in the queue
+
+    @property
+    def live(self) -> bool:
+        return not self.taken and not self.job.closed
 
 
 class Batcher:
@@ -79,7 +91,8 @@ class Batcher:
         # Length grouping looks this far past the oldest entry, so no entry waits behind many batches.
         self._scan = 4 * max_batch_size
         self._cond = threading.Condition()
-        self._queue: list[Entry] = []  # oldest first
+        self._queue: deque[Entry] = deque()  # oldest first; entries that are no longer live are skipped
+        self._depth = 0  # live entries in the queue
         self._stopping = False
         self._rows_per_s = 0.0  # moving average of engine throughput, for Retry-After
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -87,7 +100,7 @@ class Batcher:
 
     @property
     def depth(self) -> int:
-        return len(self._queue)
+        return self._depth
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -97,8 +110,11 @@ class Batcher:
         """Finish the running batch, fail whatever is still queued, and join the worker."""
         with self._cond:
             self._stopping = True
-            dropped = self._queue
-            self._queue = []
+            dropped = [entry for entry in self._queue if entry.live]
+            self._queue = deque()
+            self._depth = 0
+            for entry in dropped:
+                entry.job.queued = 0
             self._cond.notify_all()
         jobs = {entry.job for entry in dropped}
         if dropped:
@@ -118,13 +134,15 @@ class Batcher:
         with self._cond:
             if self._stopping:
                 raise UnavailableError("The server is shutting down; retry on another replica.", 1)
-            if len(self._queue) + len(entries) > self._max_queued:
+            if self._depth + len(entries) > self._max_queued:
                 raise OverloadedError(
-                    f"The server is overloaded: {len(self._queue)} inputs are queued and the limit is "
+                    f"The server is overloaded: {self._depth} inputs are queued and the limit is "
                     f"{self._max_queued}. Retry after the time in Retry-After.",
                     self._retry_after(),
                 )
             self._queue.extend(entries)
+            self._depth += n
+            job.queued = n
             self._cond.notify()
         return job
 
@@ -136,17 +154,26 @@ class Batcher:
             self._metrics.dropped.labels(reason).inc(dropped)
 
     def _drop(self, job: Job) -> int:
+        """Close the job: its queued entries are no longer live (skipped later, not searched for now)."""
         with self._cond:
             job.closed = True
-            kept = [entry for entry in self._queue if entry.job is not job]
-            dropped = len(self._queue) - len(kept)
-            self._queue = kept
+            dropped, job.queued = job.queued, 0
+            self._depth -= dropped
+            self._prune()
         return dropped
+
+    def _prune(self) -> None:
+        """With the lock held: discard skipped entries at the head; rebuild once they are the majority."""
+        queue = self._queue
+        while queue and not queue[0].live:
+            queue.popleft()
+        if len(queue) > 2 * self._depth + self._scan:
+            self._queue = deque(entry for entry in queue if entry.live)
 
     def _retry_after(self) -> int:
         if self._rows_per_s <= 0:
             return 1
-        return max(1, min(60, math.ceil(len(self._queue) / self._rows_per_s)))
+        return max(1, min(60, math.ceil(self._depth / self._rows_per_s)))
 
     # ---- worker thread ----
 
@@ -154,14 +181,14 @@ class Batcher:
         idle = True
         while True:
             with self._cond:
-                while not self._queue:
+                while not self._depth:
                     if self._stopping:
                         return
                     idle = True
                     self._cond.wait()
                 if idle:
                     self._wait_for_more()
-                batch = self._take_batch() if self._queue else []  # all cancelled while waiting
+                batch = self._take_batch() if self._depth else []  # all cancelled while waiting
                 idle = False
             if batch:
                 self._execute(batch)
@@ -169,28 +196,37 @@ class Batcher:
     def _wait_for_more(self) -> None:
         """With the lock held: give a batch that an idle engine would start half-empty a moment to fill."""
         deadline = time.monotonic() + self._max_wait_s
-        while self._queue and not self._stopping and not self._full():
+        while self._depth and not self._stopping and not self._full():
             left = deadline - time.monotonic()
             if left <= 0:
                 return
             self._cond.wait(left)
 
     def _full(self) -> bool:
-        if len(self._queue) >= self._max_batch_size:
+        if self._depth >= self._max_batch_size:
             return True
-        longest = max(len(entry.token_ids) for entry in self._queue)
-        return longest * len(self._queue) >= self._max_batch_tokens
+        longest = max(len(entry.token_ids) for entry in self._queue if entry.live)
+        return longest * self._depth >= self._max_batch_tokens
 
     def _take_batch(self) -> list[Entry]:
         """With the lock held: remove and return the next batch."""
+        window = []  # the oldest `_scan` live entries
+        for entry in self._queue:
+            if entry.live:
+                window.append(entry)
+                if len(window) == self._scan:
+                    break
         batch = take_batch(
-            self._queue[: self._scan],
+            window,
             max_batch_tokens=self._max_batch_tokens,
             max_batch_size=self._max_batch_size,
             max_adapters=self._engine.num_slots,
         )
-        taken = {id(entry) for entry in batch}
-        self._queue = [entry for entry in self._queue if id(entry) not in taken]
+        for entry in batch:
+            entry.taken = True
+            entry.job.queued -= 1
+        self._depth -= len(batch)
+        self._prune()
         return batch
 
     def _execute(self, batch: list[Entry]) -> None:

@@ -1,9 +1,17 @@
-"""How the batcher picks the next batch from its queue: limits, fairness, length grouping."""
+"""How the batcher picks the next batch from its queue (limits, fairness, length grouping) and cancels."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from loraplex.adapters.errors import OverloadedError, UnavailableError
 from loraplex.adapters.registry import AdapterHandle
-from loraplex.batcher import Entry, Job, take_batch
+from loraplex.batcher import Batcher, Entry, Job, take_batch
+from loraplex.metrics import Metrics
 
 
 def queue(*rows: tuple[str, int]) -> list[Entry]:
@@ -71,3 +79,135 @@ def test_versions_of_one_adapter_count_as_distinct():
     entries = queue(("a", 5), ("a", 5))
     entries[1].job.handle = AdapterHandle("a", "v2", ("a", "b"), weights=None)
     assert pick(entries, adapters=1) == entries[:1]
+
+
+# ---- the live queue: cancels, depth, and what reaches the engine ----
+
+
+class GatedEngine:
+    """Stands in for the engine in the batcher's worker: records each batch, holds it until released."""
+
+    num_slots = 4
+
+    def __init__(self):
+        self.batches: list[list[list[int]]] = []
+        self.entered = threading.Semaphore(0)
+        self.gate = threading.Event()
+
+    def classify(self, token_ids, slots):
+        self.batches.append(token_ids)
+        self.entered.release()
+        assert self.gate.wait(30)
+        return [torch.zeros(2) for _ in token_ids]
+
+
+class OneSlotRegistry:
+    def slots_for(self, handles):
+        return [0] * len(handles)
+
+
+def run_batcher(scenario, *, max_batch_size=2, max_queued=100_000):
+    """Run `scenario(batcher, engine)` on an event loop with a started batcher; returns its result."""
+    engine = GatedEngine()
+    metrics = Metrics()
+
+    async def main():
+        batcher = Batcher(
+            engine, OneSlotRegistry(), metrics, max_batch_tokens=10_000, max_batch_size=max_batch_size,
+            max_wait_s=0, max_queued=max_queued,
+        )  # fmt: skip
+        batcher.start()
+        try:
+            return await scenario(batcher, engine, metrics)
+        finally:
+            engine.gate.set()
+            await batcher.stop()
+
+    return asyncio.run(main())
+
+
+HANDLE = AdapterHandle("a", "v1", ("x", "y"), weights=None)
+
+
+def dropped(metrics, reason: str) -> float:
+    return metrics.registry.get_sample_value("loraplex_dropped_inputs_total", {"reason": reason}) or 0.0
+
+
+def test_cancelled_rows_never_reach_the_engine_and_depth_counts_live_rows():
+    async def scenario(batcher, engine, metrics):
+        first = batcher.submit([[1], [1]], HANDLE)  # the engine holds this batch
+        assert await asyncio.to_thread(engine.entered.acquire, True, 30)
+        jobs = [batcher.submit([[100 + i]] * 3, HANDLE) for i in range(10)]
+        assert batcher.depth == 30
+        for job in jobs[::2]:
+            batcher.cancel(job, "disconnect")
+        assert batcher.depth == 15
+        assert dropped(metrics, "disconnect") == 15
+        batcher.cancel(jobs[1], "timeout")
+        batcher.cancel(jobs[1], "timeout")  # twice: counted once
+        assert batcher.depth == 12 and dropped(metrics, "timeout") == 3
+        engine.gate.set()
+        await asyncio.wait_for(asyncio.gather(first.future, *(j.future for j in jobs[3::2])), 30)
+        assert batcher.depth == 0
+        ran = [row[0] for batch in engine.batches[1:] for row in batch]
+        assert ran == [100 + i for i in (3, 5, 7, 9) for _ in range(3)]  # the live rows, oldest first
+        for job in jobs[3::2]:
+            assert len(job.logits) == 3 and all(row is not None for row in job.logits)
+
+    run_batcher(scenario)
+
+
+def test_a_cancel_does_not_walk_the_queue_and_skipped_rows_do_not_pile_up():
+    async def scenario(batcher, engine, metrics):
+        batcher.submit([[1], [1]], HANDLE)
+        assert await asyncio.to_thread(engine.entered.acquire, True, 30)
+        jobs = [batcher.submit([[7]], HANDLE) for _ in range(20_000)]
+        queue = batcher._queue
+        batcher.cancel(jobs[10_000], "disconnect")  # in the middle: closed, not searched for
+        assert batcher._queue is queue and len(queue) == 20_000 and batcher.depth == 19_999
+        for job in jobs[:15_000]:
+            batcher.cancel(job, "disconnect")
+        assert batcher.depth == 5_000
+        assert len(batcher._queue) <= 2 * batcher.depth + 8  # skipped entries went away as they piled up
+        for job in jobs[15_000:]:
+            batcher.cancel(job, "timeout")
+        assert batcher.depth == 0 and len(batcher._queue) == 0
+        assert dropped(metrics, "disconnect") + dropped(metrics, "timeout") == 20_000
+        # Admission counts live rows only: the queue takes a full load again.
+        batcher._max_queued = 100
+        assert batcher.submit([[3]] * 100, HANDLE).remaining == 100
+
+    run_batcher(scenario)
+
+
+def test_a_full_queue_with_cancelled_rows_admits_again():
+    async def scenario(batcher, engine, metrics):
+        batcher.submit([[1], [1]], HANDLE)
+        assert await asyncio.to_thread(engine.entered.acquire, True, 30)
+        job = batcher.submit([[5]] * 8, HANDLE)
+        with pytest.raises(OverloadedError):
+            batcher.submit([[5]], HANDLE)
+        batcher.cancel(job, "disconnect")
+        again = batcher.submit([[6]] * 8, HANDLE)
+        engine.gate.set()
+        await asyncio.wait_for(again.future, 30)
+        assert [row[0] for batch in engine.batches[1:] for row in batch] == [6] * 8
+
+    run_batcher(scenario, max_queued=8)
+
+
+def test_stop_fails_only_the_rows_still_live():
+    async def scenario(batcher, engine, metrics):
+        batcher.submit([[1], [1]], HANDLE)
+        assert await asyncio.to_thread(engine.entered.acquire, True, 30)
+        kept, gone = batcher.submit([[2]] * 3, HANDLE), batcher.submit([[3]] * 4, HANDLE)
+        batcher.cancel(gone, "disconnect")
+        stopping = asyncio.ensure_future(batcher.stop())
+        await asyncio.sleep(0)  # stop() drops the queue before it waits for the held batch
+        assert dropped(metrics, "shutdown") == 3 and batcher.depth == 0
+        with pytest.raises(UnavailableError):
+            kept.future.result()
+        engine.gate.set()
+        await stopping
+
+    run_batcher(scenario)
