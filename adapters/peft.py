@@ -215,12 +215,31 @@ def _pattern_value(patterns: dict, key: str, default: float) -> float:
     return default
 
 
+def _head_linears(base: BaseSpec) -> dict[str, tuple[int, int]]:
+    """The head's dense layers before the one that outputs the labels -> (in_features, out_features).
+
+    PEFT's all-linear puts LoRA on them unless modules_to_save saves them whole (ModernBERT's head.dense
+    under the default modules_to_save); such a LoRA is merged into the head's weight (`parse_adapter`).
+    """
+    return {
+        name.removesuffix(".weight"): (shape[1], shape[0])
+        for name, shape in base.head_tensors.items()
+        if name.endswith(".weight") and len(shape) == 2 and None not in shape
+    }
+
+
 def matched_targets(config: dict, base: BaseSpec) -> list[str]:
-    """Paths (relative to the encoder, as in `base.targets`) that this config adapts, in model order."""
+    """Paths (relative to the encoder, as in `base.targets`) that this config adapts, in model order.
+
+    A LoRA on a head linear (`_head_linears`) comes back by its full module name, e.g. "head.dense".
+    """
     _check_config(config)
     targets = config.get("target_modules")
+    head_linears = _head_linears(base)
     if isinstance(targets, str) and targets.lower() == "all-linear":
-        config = {**config, "target_modules": [f"{base.prefix}.{path}" for path in base.targets]}
+        # PEFT's all-linear: every Linear but the label layer; modules_to_save still exclude theirs
+        names = [*(f"{base.prefix}.{path}" for path in base.targets), *head_linears]
+        config = {**config, "target_modules": names}
     elif isinstance(targets, set | tuple):
         config = {**config, "target_modules": sorted(targets)}
     elif targets is not None and not isinstance(targets, str | list):
@@ -236,12 +255,16 @@ def matched_targets(config: dict, base: BaseSpec) -> list[str]:
     for name in base.module_names:
         if not _is_target(config, name, base.default_targets):
             continue
+        if name in head_linears:
+            matched.append(name)
+            continue
         path = name.removeprefix(f"{base.prefix}.")
         if path not in base.targets or not name.startswith(f"{base.prefix}."):
             what = "an embedding" if "embeddings" in name else "not a LoRA-capable linear layer"
+            linears = ", ".join(dict.fromkeys(p.rsplit(".", 1)[-1] for p in base.targets))
             raise InvalidAdapterError(
                 f"Field 'target_modules' matches '{name}', which is {what}; target only the linear layers "
-                "(query, key, value, dense)."
+                f"({linears})."
             )
         matched.append(path)
     if not matched:
@@ -295,8 +318,10 @@ def parse_adapter(
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     expected: set[str] = set()
     modules: dict[str, LoraModule] = {}
+    head_linears = _head_linears(base)
+    head_loras: dict[str, LoraModule] = {}  # LoRA on a head linear, merged into its weight below
     for path in paths:
-        name = f"{base.prefix}.{path}"
+        name = path if path in head_linears else f"{base.prefix}.{path}"
         r = _pattern_value(rank_pattern, name, r_default)
         alpha = _pattern_value(alpha_pattern, name, alpha_default)
         if int(r) != r or not 1 <= r <= max_rank:
@@ -304,21 +329,25 @@ def parse_adapter(
                 f"Module '{name}' has rank {r}; this server accepts ranks from 1 to {max_rank} (--max-rank)."
             )
         r = int(r)
-        in_features, out_features = base.targets[path]
+        in_features, out_features = head_linears[path] if path in head_linears else base.targets[path]
         key_a, key_b = f"{KEY_PREFIX}{name}.lora_A.weight", f"{KEY_PREFIX}{name}.lora_B.weight"
         for key in (key_a, key_b):
             if key not in tensors:
                 raise InvalidAdapterError(f"Tensor '{key}' is missing: the config targets '{name}'." + served)
         expected.update((key_a, key_b))
         scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        modules[path] = LoraModule(
+        module = LoraModule(
             lora_A=_tensor(tensors, key_a, (r, in_features), served),
             lora_B=_tensor(tensors, key_b, (out_features, r), served),
             scaling=float(scaling),
         )
+        (head_loras if path in head_linears else modules)[path] = module
 
     head, num_labels = _parse_head(config, tensors, base, served)
     expected.update(KEY_PREFIX + name for name in head if KEY_PREFIX + name in tensors)
+    for path, module in head_loras.items():  # W + scaling * B @ A: the same layer, merged as PEFT merges
+        key = f"{path}.weight"
+        head[key] = head[key] + module.scaling * (module.lora_B @ module.lora_A)
 
     unexpected = sorted(set(tensors) - expected)
     if unexpected:
@@ -339,7 +368,7 @@ def parse_adapter(
         head=head,
         num_labels=num_labels,
         labels=tuple(labels),
-        rank=max(m.lora_A.shape[0] for m in modules.values()),
+        rank=max(m.lora_A.shape[0] for m in (*modules.values(), *head_loras.values())),
         lora_alpha=float(alpha_default),
         target_modules=short_names,
     )
