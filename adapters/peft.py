@@ -256,6 +256,15 @@ def matched_targets(config: dict, base: BaseSpec) -> list[str]:
         if not _is_target(config, name, base.default_targets):
             continue
         if name in head_linears:
+            # PEFT saves whole every module whose name merely ends in a modules_to_save entry (DistilBERT's
+            # pre_classifier under "classifier"), and refuses to load one that is also a LoRA target.
+            saved_by = [m for m in config.get("modules_to_save") or [] if name.endswith(m)]
+            if saved_by:
+                raise InvalidAdapterError(
+                    f"Field 'target_modules' matches '{name}', which modules_to_save entry '{saved_by[0]}' "
+                    "also saves whole; PEFT cannot load such an adapter. Drop it from target_modules, or "
+                    f"list '{name}' in modules_to_save."
+                )
             matched.append(name)
             continue
         path = name.removeprefix(f"{base.prefix}.")
