@@ -269,6 +269,13 @@ def matched_targets(config: dict, base: BaseSpec) -> list[str]:
             continue
         path = name.removeprefix(f"{base.prefix}.")
         if path not in base.targets or not name.startswith(f"{base.prefix}."):
+            if name.split(".", 1)[0] in base.head_modules:
+                # e.g. DeBERTa's pooler.dense: PEFT's all-linear, or a plain "dense", adapts it unless the
+                # head is saved whole; loraplex serves heads only saved whole.
+                raise InvalidAdapterError(
+                    f"Field 'target_modules' matches '{name}', part of the classification head, which "
+                    f"the adapter must save whole: train it with modules_to_save={list(base.head_modules)!r}."
+                )
             what = "an embedding" if "embeddings" in name else "not a LoRA-capable linear layer"
             linears = ", ".join(dict.fromkeys(p.rsplit(".", 1)[-1] for p in base.targets))
             raise InvalidAdapterError(
