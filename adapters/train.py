@@ -11,7 +11,8 @@ server accepts as is:
     OUT/README.md                   the same, for people
 
 Data problems (unreadable file, missing columns, empty texts, a single class) exit with code 2 and a
-message saying what to fix, before any model is loaded. PEFT and tqdm come from the `train` extra and are
+message saying what to fix, before any model is loaded. A weak result (see `weak_result`) exits with code
+3 and writes nothing, unless --allow-weak. PEFT and tqdm come from the `train` extra and are
 imported only here.
 """
 
@@ -29,8 +30,15 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from loraplex.cli import DefaultsHelpFormatter, add_version
+
 DATA_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
 SCHEDULES = ("linear", "cosine", "constant")
+DEFAULT_EPOCHS = 3.0
+DEFAULT_MIN_STEPS = 200
+WEAK_LOSS_FRACTION = 0.9  # a final loss at or above this fraction of ln(num_labels) learned next to nothing
+EVALUATIONS = 10  # validation accuracy measured this many times while training, for the progress bar
+EVALUATION_ROWS = 1000  # on at most this many validation rows; the final figures use them all
 EMBEDDED_MODEL = "all-MiniLM-L6-v2 (embedded)"
 EMBEDDED_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what the embedded weights are
 
@@ -227,20 +235,37 @@ def classification_metrics(gold: list[int], pred: list[int], labels: list[str]) 
 # ------------------------------------------------------------------------------------------------ training
 
 
+def default_batch_size(train_rows: int) -> int:
+    """8 below 256 training rows, 16 below 1024, else 32: small sets get more (and noisier) steps."""
+    return 8 if train_rows < 256 else 16 if train_rows < 1024 else 32
+
+
+def planned_steps(train_rows: int, batch_size: int, epochs: float | None, min_steps: int) -> int:
+    """Optimiser steps for a run without --max-steps: --epochs over the data (3 when not given), but never
+    fewer than min_steps, so that a small set is seen as many times as it takes."""
+    per_epoch = math.ceil(train_rows / batch_size)
+    return max(1, round((DEFAULT_EPOCHS if epochs is None else epochs) * per_epoch), min_steps)
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="loraplex train",
-        description="Fine-tune a LoRA sequence-classification adapter (PEFT) on a CSV or JSONL file.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Fine-tune a LoRA sequence-classification adapter (PEFT) on a CSV or JSONL file. "
+        "Defaults follow the data size: batches of 8 rows below 256 training rows, 16 below 1024, else 32; "
+        f"{DEFAULT_EPOCHS:g} epochs but at least --min-steps optimiser steps. A result no better than "
+        "always answering the most common label, or a final loss near ln(number of labels), exits with "
+        "code 3 and writes nothing unless --allow-weak.",
+        formatter_class=DefaultsHelpFormatter,
     )
+    add_version(p)
     p.add_argument("data", help="training data: .csv, .tsv or .jsonl with a text and a label per row")
     p.add_argument("-o", "--output", required=True, help="directory to write the adapter into")
     p.add_argument(
         "--overwrite", action="store_true", help="replace the files of an existing output directory"
     )
     d = p.add_argument_group("data")
-    d.add_argument("--text-column", default="text")
-    d.add_argument("--label-column", default="label")
+    d.add_argument("--text-column", default="text", help="column (CSV) or key (JSONL) holding the text")
+    d.add_argument("--label-column", default="label", help="column (CSV) or key (JSONL) holding the label")
     d.add_argument("--format", choices=("csv", "tsv", "jsonl"), help="default: from the file extension")
     d.add_argument("--encoding", default="utf-8", help="text encoding of the data files")
     d.add_argument(
@@ -267,15 +292,32 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "(default: PEFT's default for the model's family, e.g. query,value for BERT and RoBERTa)",
     )
     t = p.add_argument_group("optimisation")
-    t.add_argument("--epochs", type=float, default=3.0)
-    t.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (overrides --epochs)")
-    t.add_argument("--batch-size", type=int, default=32)
-    t.add_argument("--learning-rate", type=float, default=5e-4)
+    t.add_argument(
+        "--epochs",
+        type=float,
+        help=f"passes over the training rows (default: {DEFAULT_EPOCHS:g}, raised on small sets to reach "
+        "--min-steps)",
+    )
+    t.add_argument(
+        "--min-steps",
+        type=int,
+        default=DEFAULT_MIN_STEPS,
+        help="at least this many optimiser steps, whatever --epochs gives; 1 to turn the floor off",
+    )
+    t.add_argument(
+        "--max-steps", type=int, help="exactly this many optimiser steps (overrides --epochs and --min-steps)"
+    )
+    t.add_argument(
+        "--batch-size",
+        type=int,
+        help="rows per optimiser step (default: 8 below 256 training rows, 16 below 1024, else 32)",
+    )
+    t.add_argument("--learning-rate", type=float, default=5e-4, help="AdamW's peak learning rate")
     t.add_argument(
         "--schedule", choices=SCHEDULES, default="linear", help="learning-rate schedule after warmup"
     )
     t.add_argument("--warmup-ratio", type=float, default=0.06, help="fraction of the steps spent warming up")
-    t.add_argument("--weight-decay", type=float, default=0.01)
+    t.add_argument("--weight-decay", type=float, default=0.01, help="AdamW's decoupled weight decay")
     t.add_argument("--seed", type=int, default=0, help="seeds the split, the head initialisation and dropout")
     t.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cuda when available)")
     t.add_argument(
@@ -284,14 +326,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="bfloat16 autocast while training (about 2x faster on CPUs with AVX-512 BF16 and recent GPUs); "
         "weights, validation and the saved adapter stay fp32",
     )
+    p.add_argument(
+        "--allow-weak",
+        action="store_true",
+        help="write the adapter even when the result is weak (held-out accuracy no better than the most "
+        "common label, or a final loss near ln(number of labels)); without it such a run exits with code 3",
+    )
     args = p.parse_args(argv)
     for name, ok, rule in (
         ("--rank", args.rank >= 1, "at least 1"),
         ("--alpha", args.alpha > 0, "positive"),
         ("--dropout", 0 <= args.dropout < 1, "in [0, 1)"),
-        ("--epochs", args.epochs > 0, "positive"),
+        ("--epochs", args.epochs is None or args.epochs > 0, "positive"),
+        ("--min-steps", args.min_steps >= 1, "at least 1"),
         ("--max-steps", args.max_steps is None or args.max_steps >= 1, "at least 1"),
-        ("--batch-size", args.batch_size >= 1, "at least 1"),
+        ("--batch-size", args.batch_size is None or args.batch_size >= 1, "at least 1"),
         ("--learning-rate", args.learning_rate > 0, "positive"),
         ("--warmup-ratio", 0 <= args.warmup_ratio < 1, "in [0, 1)"),
         ("--validation-split", args.validation_split >= 0, "0 or more"),
@@ -440,8 +489,12 @@ def train(
     if cut > len(lengths) // 100:
         print(f"{cut} training texts reach --max-length {args.max_length} and may be cut", file=sys.stderr)
     train_gold = torch.tensor([label_ids[lab] for lab in train_set.labels])  # [N]
-    steps_per_epoch = math.ceil(len(train_ids) / args.batch_size)
-    total_steps = args.max_steps or max(1, round(args.epochs * steps_per_epoch))
+    batch_size = args.batch_size or default_batch_size(len(train_ids))
+    total_steps = args.max_steps or planned_steps(len(train_ids), batch_size, args.epochs, args.min_steps)
+    print(
+        f"{total_steps} steps of {batch_size} rows ({total_steps * batch_size / len(train_ids):.1f} epochs)",
+        file=sys.stderr,
+    )
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = get_scheduler(
@@ -451,19 +504,36 @@ def train(
         num_training_steps=total_steps,
     )
 
+    val_ids = encode(validation.texts) if validation is not None else []
+    val_gold = [label_ids[lab] for lab in validation.labels] if validation is not None else []
+
+    def predict(ids: list[list[int]], progress: bool = False) -> list[int]:
+        """Arg-max labels in eval mode, longest-last batches of 128; the model is left in train mode."""
+        model.eval()
+        pred = [0] * len(ids)
+        by_length = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        starts = range(0, len(by_length), 128)
+        if progress:
+            starts = tqdm(starts, desc="validating", unit="batch", file=sys.stderr, mininterval=interval)
+        with torch.inference_mode():
+            for start in starts:
+                batch = by_length[start : start + 128]
+                logits = model(**collate([ids[i] for i in batch])).logits  # [B, num_labels]
+                for i, p in zip(batch, logits.argmax(-1).tolist(), strict=True):
+                    pred[i] = p
+        model.train()
+        return pred
+
+    evaluate_every = max(1, math.ceil(total_steps / EVALUATIONS))
+    probe_ids, probe_gold = val_ids[:EVALUATION_ROWS], val_gold[:EVALUATION_ROWS]
+    interval = 1.0 if sys.stderr.isatty() else 30.0
     rng = random.Random(args.seed)
     model.train()
-    step, seen, smoothed = 0, 0, None
+    step, seen, smoothed, val_acc = 0, 0, None, None
     started = time.perf_counter()
-    with tqdm(
-        total=total_steps,
-        desc="training",
-        unit="step",
-        mininterval=1.0 if sys.stderr.isatty() else 30.0,
-        file=sys.stderr,
-    ) as bar:
+    with tqdm(total=total_steps, desc="training", unit="step", mininterval=interval, file=sys.stderr) as bar:
         while step < total_steps:
-            for batch in _batches(lengths, args.batch_size, rng):
+            for batch in _batches(lengths, batch_size, rng):
                 inputs = collate([train_ids[i] for i in batch])
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
                     logits = model(**inputs).logits  # [B, num_labels]
@@ -476,9 +546,12 @@ def train(
                 step += 1
                 seen += len(batch)
                 smoothed = loss.item() if smoothed is None else 0.95 * smoothed + 0.05 * loss.item()
+                if probe_ids and (step % evaluate_every == 0 or step == total_steps):
+                    val_acc = sum(map(int.__eq__, predict(probe_ids), probe_gold)) / len(probe_ids)
                 rate = seen / (time.perf_counter() - started)
                 bar.set_postfix(
                     loss=f"{smoothed:.4f}",
+                    **({} if val_acc is None else {"val_acc": f"{val_acc:.3f}"}),
                     ex_s=f"{rate:.1f}",
                     epoch=f"{seen / len(train_ids):.2f}",
                     refresh=False,
@@ -494,6 +567,7 @@ def train(
         "train_examples": len(train_ids),
         "training": {
             "steps": step,
+            "batch_size": batch_size,
             "epochs": round(seen / len(train_ids), 3),
             "seconds": round(train_seconds, 1),
             "examples_per_second": round(seen / train_seconds, 1),
@@ -502,30 +576,48 @@ def train(
         "validation": None,
     }
     if validation is not None:
-        model.eval()
-        val_ids = encode(validation.texts)
-        pred = [0] * len(val_ids)
-        by_length = sorted(range(len(val_ids)), key=lambda i: len(val_ids[i]))
-        with torch.inference_mode():
-            for start in tqdm(
-                range(0, len(by_length), 128),
-                desc="validating",
-                unit="batch",
-                file=sys.stderr,
-                mininterval=1.0 if sys.stderr.isatty() else 30.0,
-            ):
-                batch = by_length[start : start + 128]
-                logits = model(**collate([val_ids[i] for i in batch])).logits  # [B, num_labels]
-                for i, p in zip(batch, logits.argmax(-1).tolist(), strict=True):
-                    pred[i] = p
-        gold = [label_ids[lab] for lab in validation.labels]
-        report["validation"] = classification_metrics(gold, pred, labels)
+        report["validation"] = classification_metrics(val_gold, predict(val_ids, progress=True), labels)
+        counts = [val_gold.count(i) for i in range(len(labels))]
+        most = max(range(len(labels)), key=counts.__getitem__)
+        report["validation"]["majority_baseline"] = {
+            "label": labels[most],
+            "accuracy": counts[most] / len(val_gold),
+        }
+    report["weak"] = weak_result(report)
+    if report["weak"] and not args.allow_weak:
+        return report
 
     out = Path(args.output)
     # Embeddings are never trained here; "auto" would look the base model up on the hub to decide.
     model.save_pretrained(out, save_embedding_layers=False)
     (out / "labels.json").write_text(json.dumps(labels) + "\n")
     return report
+
+
+def weak_result(report: dict) -> list[str]:
+    """Why the trained adapter is not worth serving; empty when it is fine.
+
+    Weak is (a) a held-out accuracy no better than always answering the validation rows' most common label,
+    or (b) a final training loss (smoothed) at or above WEAK_LOSS_FRACTION x ln(number of labels), which is
+    the loss of a uniform guess: the head learned next to nothing."""
+    reasons = []
+    k = len(report["labels"])
+    chance = math.log(k)
+    final = report["training"]["final_loss"]
+    if final >= WEAK_LOSS_FRACTION * chance:
+        reasons.append(
+            f"the final training loss {final:.4f} is near ln({k}) = {chance:.4f}, the loss of a uniform "
+            "guess: the model learned next to nothing"
+        )
+    validation = report.get("validation")
+    if validation:
+        base = validation["majority_baseline"]
+        if validation["accuracy"] <= base["accuracy"]:
+            reasons.append(
+                f"held-out accuracy {validation['accuracy']:.4f} is no better than always answering "
+                f"{base['label']!r} ({base['accuracy']:.4f} of the {validation['examples']} validation rows)"
+            )
+    return reasons
 
 
 def _default_model() -> str:
@@ -545,6 +637,9 @@ def format_metrics(metrics: dict) -> str:
         "",
         f"{'label':<20} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>9}",
     ]
+    base = metrics.get("majority_baseline")
+    if base:
+        lines.insert(1, f"always {base['label']!r} would score {base['accuracy']:.4f}")
     for name, row in metrics["per_label"].items():
         lines.append(
             f"{name:<20} {row['precision']:>9.4f} {row['recall']:>9.4f} {row['f1']:>9.4f} {row['support']:>9}"
@@ -572,6 +667,8 @@ def write_reports(out: Path, report: dict) -> None:
     ]
     if report["validation"]:
         text += ["", "Validation:", "", "```", format_metrics(report["validation"]), "```"]
+    if report.get("weak"):
+        text += ["", f"**A weak result**, written with --allow-weak: {'; and '.join(report['weak'])}."]
     (out / "README.md").write_text("\n".join(text) + "\n")
 
 
@@ -618,12 +715,23 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDataError as e:
         print(f"loraplex train: error: {e}", file=sys.stderr)
         return 2
+    if report["validation"]:
+        print(format_metrics(report["validation"]))
+    if report["weak"]:
+        print(f"loraplex train: warning: a weak result: {'; and '.join(report['weak'])}.", file=sys.stderr)
+        if not args.allow_weak:
+            print(
+                f"loraplex train: nothing written to {out}. Try more steps (--min-steps "
+                f"{2 * max(args.min_steps, report['training']['steps'])}), a higher --learning-rate, more "
+                "rows per label, and check that the labels match the texts; or pass --allow-weak to write "
+                "the adapter anyway.",
+                file=sys.stderr,
+            )
+            return 3
     report["rows_left_out"] = dropped
     report["command"] = shlex.join(["loraplex", "train", *argv])
     report["settings"] = vars(args)
     write_reports(out, report)
-    if report["validation"]:
-        print(format_metrics(report["validation"]))
     print(f"adapter written to {out} (upload it with: loraplex adapters push ID {shlex.quote(str(out))})")
     return 0
 

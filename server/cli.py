@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 USAGE = """usage: loraplex COMMAND [ARGS]
@@ -11,7 +12,49 @@ commands:
   train       fine-tune a LoRA classification adapter with PEFT
   adapters    push / ls / rm adapters on a running server
   classify    classify texts with an adapter on a running server
+
+options:
+  -h, --help  show this help and exit
+  --version   show the installed version and exit
+
+`loraplex COMMAND --help` shows a command's options, each with its default.
 """
+
+
+def version() -> str:
+    """The installed distribution's version (what `pip show loraplex` says)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("loraplex")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def add_version(parser: argparse.ArgumentParser) -> None:
+    """`--version` on a command's parser: prints `loraplex VERSION` and exits 0."""
+    parser.add_argument("--version", action="version", version=f"loraplex {version()}")
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, said once: "(default: X)" is added unless the help
+    already names the default; an option without one says "(default: none)", a flag "(default: off)"."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            "default" in text
+            or action.required
+            or action.default is argparse.SUPPRESS
+            or not action.option_strings
+        ):
+            return text
+        if action.default is None:
+            return f"{text} (default: none)"
+        if action.default is False and action.nargs == 0:
+            return f"{text} (default: off)"
+        return f"{text} (default: %(default)s)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
+    if argv[0] == "--version":
+        print(f"loraplex {version()}")
+        return 0
     command, rest = argv[0], argv[1:]
     if command == "serve":
         from loraplex.serve import main as run

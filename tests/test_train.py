@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import math
 import random
 import warnings
 from pathlib import Path
@@ -14,7 +15,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from loraplex.adapters.train import Examples, classification_metrics, main, split_examples
+from loraplex.adapters.train import (
+    Examples,
+    classification_metrics,
+    default_batch_size,
+    main,
+    planned_steps,
+    split_examples,
+    weak_result,
+)
 from loraplex.client import Client
 from tests.live_server import LiveServer
 from tests.peft_factory import peft_logits
@@ -183,6 +192,7 @@ def trained(tmp_path_factory) -> tuple[Path, list[str], list[str]]:
         str(data), "-o", str(out), "--text-column", "tweet", "--label-column", "sentiment",
         "--validation-file", str(val), "--max-steps", "4", "--batch-size", "16", "--max-length", "48",
         "--rank", "4", "--target-modules", "query,key,value,dense", "--learning-rate", "2e-3",
+        "--allow-weak",  # 4 steps learn little: this adapter is for checking the format, not the accuracy
     ]  # fmt: skip
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -227,3 +237,77 @@ def test_server_serves_the_trained_adapter_as_peft_does(trained, tmp_path):
             got = torch.tensor([[r.scores[lab] for lab in LABELS] for r in answer.results])
             torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
             assert [r.label for r in answer.results] == [LABELS[i] for i in expected.argmax(-1).tolist()]
+
+
+# ----------------------------------------------------------------------- defaults that learn, weak results
+
+REVIEWS = Path(__file__).resolve().parents[1] / "adapters" / "examples" / "reviews.csv"
+
+
+def test_defaults_follow_the_data_size():
+    assert [default_batch_size(n) for n in (10, 255, 256, 1023, 1024, 10**6)] == [8, 8, 16, 16, 32, 32]
+    assert planned_steps(81, 8, None, 200) == 200  # 3 epochs would be 33 steps: the floor wins
+    assert planned_steps(81, 8, 30.0, 200) == 330  # 30 epochs of 11 steps
+    assert planned_steps(10_000, 32, None, 200) == 3 * 313  # a large set: 3 epochs, over the floor
+    assert planned_steps(81, 8, None, 1) == 33
+
+
+def test_the_bundled_reviews_are_learned_with_the_defaults(tmp_path, capsys):
+    """What the README walk-through runs: `loraplex train adapters/examples/reviews.csv -o DIR`."""
+    rows = list(csv.DictReader(REVIEWS.open(encoding="utf-8", newline="")))
+    assert len(rows) >= 60 and sorted({r["label"] for r in rows}) == LABELS
+    out = tmp_path / "reviews"
+    assert main([str(REVIEWS), "-o", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "warning" not in captured.err and "adapter written to" in captured.out
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["training"]["steps"] == 200 and report["training"]["batch_size"] == 8
+    assert report["weak"] == []
+    validation, base = report["validation"], report["validation"]["majority_baseline"]
+    assert validation["accuracy"] >= base["accuracy"] + 0.2, (validation["accuracy"], base)
+    assert report["training"]["final_loss"] < 0.5 * math.log(3), report["training"]
+    # The progress bar carried the live loss and validation accuracy.
+    assert "loss=" in captured.err and "val_acc=" in captured.err
+    # What was written is what the report says: PEFT's own predictions on the trained texts.
+    texts = (
+        [r["text"] for r in rows[:6]] + [r["text"] for r in rows[30:36]] + [r["text"] for r in rows[60:66]]
+    )
+    gold = [r["label"] for r in rows[:6] + rows[30:36] + rows[60:66]]
+    pred = [LABELS[i] for i in peft_logits(out, texts).argmax(-1).tolist()]
+    assert sum(map(str.__eq__, pred, gold)) >= 15, list(zip(pred, gold, strict=True))
+
+
+def test_a_weak_result_exits_3_and_writes_nothing_unless_allowed(tmp_path, capsys):
+    out = tmp_path / "weak"
+    args = [str(REVIEWS), "-o", str(out), "--max-steps", "1", "--max-length", "32"]
+    assert main(args) == 3
+    err = capsys.readouterr().err
+    assert "warning: a weak result" in err and "ln(3)" in err and "--allow-weak" in err
+    assert not out.exists() or not any(out.iterdir()), (
+        "a weak adapter must not be written without --allow-weak"
+    )
+
+    assert main([*args, "--allow-weak"]) == 0
+    captured = capsys.readouterr()
+    assert "warning: a weak result" in captured.err and "adapter written to" in captured.out
+    assert (out / "adapter_model.safetensors").is_file() and (out / "labels.json").is_file()
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["weak"] and "weak result" in (out / "README.md").read_text()
+
+
+def test_weak_result_criteria():
+    """Weak: held-out accuracy no better than the majority label, or a final loss near ln(labels)."""
+    report = {
+        "labels": LABELS,
+        "training": {"final_loss": 0.2},  # the training rows memorised, nothing that carries over
+        "validation": {
+            "accuracy": 0.3,
+            "examples": 10,
+            "majority_baseline": {"label": "neutral", "accuracy": 0.4},
+        },
+    }
+    assert weak_result(report) and "no better than always answering 'neutral'" in weak_result(report)[0]
+    report["validation"]["accuracy"] = 0.5
+    assert weak_result(report) == []
+    report["training"]["final_loss"] = 0.95 * math.log(3)
+    assert "near ln(3)" in weak_result(report)[0]
