@@ -23,7 +23,8 @@ from loraplex.engine import Engine
 from loraplex.errors import install_error_handlers
 from loraplex.metrics import Metrics
 from loraplex.middleware import ServingMiddleware
-from loraplex.routes import adapters, classify, health
+from loraplex.openapi import install_openapi
+from loraplex.routes import adapters, classify, docs, health
 from loraplex.settings import Settings
 
 log = logging.getLogger("loraplex.app")
@@ -35,6 +36,8 @@ def create_app(settings: Settings, *, engine_factory: Callable[..., Engine] = En
         title="loraplex",
         summary="One frozen BERT, many LoRA classification adapters, one forward pass.",
         lifespan=_lifespan,
+        docs_url=None,  # /docs and /redoc come from routes.docs, with their assets served locally
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.engine_factory = engine_factory
@@ -49,6 +52,8 @@ def create_app(settings: Settings, *, engine_factory: Callable[..., Engine] = En
     app.include_router(health.router)
     app.include_router(classify.router)
     app.include_router(adapters.router)
+    app.include_router(docs.router)
+    install_openapi(app, max_client_batch=settings.max_client_batch)
     return app
 
 

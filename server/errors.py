@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import Match
 
 from loraplex.adapters.errors import LoraplexError
 
@@ -83,11 +84,27 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
         message = f"There is no route {request.method} {request.url.path}; see /docs for the API."
         return error_response(404, "not_found", message, headers)
     if exc.status_code == 405:
-        allowed = headers.get("Allow") or headers.get("allow") or ""
+        # Starlette names the methods of the first route whose path matched; Allow lists every route's.
+        given = next((v for k, v in headers.items() if k.lower() == "allow"), "")
+        allowed = ", ".join(allowed_methods(request)) or given
+        headers = {k: v for k, v in headers.items() if k.lower() != "allow"} | {"Allow": allowed}
         message = f"{request.method} is not allowed on {request.url.path}; use {allowed or 'another method'}."
         return error_response(405, "bad_request", message, headers)
     error_type = next((k for k, v in STATUS.items() if v == exc.status_code), "bad_request")
     return error_response(exc.status_code, error_type, str(exc.detail), headers)
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """The methods that some route of the app answers on this request's path."""
+    routes = request.app.router.routes
+    return [
+        method
+        for method in _METHODS
+        if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes)
+    ]
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:

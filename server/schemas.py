@@ -3,18 +3,32 @@
 from __future__ import annotations
 
 import re
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
+
+from loraplex.adapters.store import ADAPTER_ID_RE
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+
+# What the server accepts, stated for /openapi.json (the checks themselves are in the validators below,
+# which give better messages). The list's maxItems is the server's max_client_batch, set in openapi.py.
+ADAPTER_ID_SCHEMA = {"type": "string", "minLength": 1, "maxLength": 64, "pattern": ADAPTER_ID_RE.pattern}
+TEXT_SCHEMA = {"type": "string", "minLength": 1, "pattern": r"^[^\x00]*$"}
+INPUTS_SCHEMA = {
+    "anyOf": [TEXT_SCHEMA, {"type": "array", "items": TEXT_SCHEMA, "minItems": 1}],
+    "description": "one text, or a list of 1..max_client_batch texts; no text is empty or contains NUL",
+}
 
 
 class ClassifyRequest(BaseModel):
     # strict: `"inputs": 5` or `"truncate": "yes"` is a client error, not something to coerce.
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    adapter_id: str = Field(max_length=64, description="the adapter (task) to classify with")
-    inputs: str | list[str] = Field(description="one text, or a list of 1..max_client_batch texts")
+    adapter_id: Annotated[str, WithJsonSchema(ADAPTER_ID_SCHEMA)] = Field(
+        max_length=64, description="the adapter (task) to classify with"
+    )
+    inputs: Annotated[str | list[str], WithJsonSchema(INPUTS_SCHEMA)]
     truncate: bool = Field(True, description="cut texts longer than the model maximum; false: 422 instead")
     raw_scores: bool = Field(False, description="true: logits; false: softmax probabilities")
 
@@ -63,18 +77,32 @@ class Status(BaseModel):
     status: str
 
 
+_ERRORS = {
+    400: ("malformed body", "The request body is not valid JSON: Expecting value at character 0."),
+    401: ("missing or wrong bearer token", "this route needs an 'Authorization: Bearer <token>' header."),
+    404: ("unknown adapter", "There is no adapter named 'tweet-sentiment'."),
+    413: ("body over the limit", "The request body is larger than the limit of 2097152 bytes."),
+    415: ("body of the wrong media type", "Send the body as application/json, not text/plain."),
+    422: ("invalid field or input", "Invalid request: inputs is an empty list; send at least one text."),
+    429: (
+        "queue full; see Retry-After",
+        "The server is overloaded: 1024 inputs are queued and the limit is 1024. Retry after the time in "
+        "Retry-After.",
+    ),
+    503: (
+        "not ready, shutting down, or timed out",
+        "The model is still loading; retry when /ready answers 200.",
+    ),
+}
+ERROR_TYPES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 413: "payload_too_large"}
+ERROR_TYPES |= {415: "unsupported_media_type", 422: "validation", 429: "overloaded", 503: "unavailable"}
 ERROR_RESPONSES = {
-    code: {"model": ErrorBody, "description": text}
-    for code, text in {
-        400: "malformed body",
-        401: "missing or wrong bearer token",
-        404: "unknown adapter",
-        413: "body over the limit",
-        415: "body is not JSON",
-        422: "invalid field or input",
-        429: "queue full; see Retry-After",
-        503: "not ready, shutting down, or timed out",
-    }.items()
+    code: {
+        "model": ErrorBody,
+        "description": text,
+        "content": {"application/json": {"example": {"error": example, "error_type": ERROR_TYPES[code]}}},
+    }
+    for code, (text, example) in _ERRORS.items()
 }
 
 

@@ -17,16 +17,56 @@ from loraplex.adapters.errors import (
 )
 from loraplex.adapters.registry import Registry
 from loraplex.adapters.store import AdapterRecord, check_adapter_id
-from loraplex.adapters.validate import MAX_CONFIG_BYTES, MAX_LABELS_BYTES, limited, parse_labels
+from loraplex.adapters.validate import (
+    MAX_CONFIG_BYTES,
+    MAX_LABEL_CHARS,
+    MAX_LABELS_BYTES,
+    limited,
+    parse_labels,
+)
 from loraplex.auth import AdminAuth, ApiKeyAuth
-from loraplex.schemas import ERROR_RESPONSES
+from loraplex.schemas import ADAPTER_ID_SCHEMA, ERROR_RESPONSES
 
 router = APIRouter(tags=["adapters"])
 
 # `:path` so that ids with '/' (e.g. traversal attempts) reach the allowlist check and get its 422.
-AdapterId = Annotated[str, Path(description="^[a-z0-9][a-z0-9._-]{0,63}$")]
+AdapterId = Annotated[str, Path(description="the adapter's id", json_schema_extra=dict(ADAPTER_ID_SCHEMA))]
 PARTS = ("adapter_config", "adapter_model", "labels")
 # The body is parsed by hand (streamed under the upload limit), so its schema is declared for /docs here.
+# Whether the weights fit the config (names, shapes, the head's labels) is for the server to check: a
+# schema cannot say it, so a well-formed upload of an unusable adapter gets 422 (415 for non-safetensors).
+_STRINGS = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
+_CONFIG_PART = {
+    "type": "object",
+    "description": "PEFT adapter_config.json (a LoRA config), as a file or a text part",
+    "properties": {
+        "peft_type": {"type": "string", "enum": ["LORA"]},
+        "task_type": {"type": ["string", "null"]},
+        "r": {"type": "integer", "minimum": 1},
+        "lora_alpha": {"type": "number"},
+        "target_modules": _STRINGS,
+        "base_model_name_or_path": {"type": ["string", "null"]},
+    },
+}
+_MODEL_PART = {
+    "type": "string",
+    "format": "binary",
+    "contentMediaType": "application/octet-stream",
+    "description": "PEFT adapter_model.safetensors (safetensors only; anything else: 415)",
+}
+_LABELS_PART = {
+    "type": "string",
+    "minLength": 2,
+    "maxLength": MAX_LABELS_BYTES,
+    "contentMediaType": "application/json",
+    "contentSchema": {
+        "type": "array",
+        "minItems": 1,
+        "items": {"type": "string", "minLength": 1, "maxLength": MAX_LABEL_CHARS},
+    },
+    "description": 'JSON array of the head\'s label names in order, e.g. ["negative", "positive"]; '
+    "default LABEL_0, LABEL_1, ...",
+}
 _UPLOAD_BODY = {
     "requestBody": {
         "required": True,
@@ -35,23 +75,18 @@ _UPLOAD_BODY = {
                 "schema": {
                     "type": "object",
                     "required": ["adapter_config", "adapter_model"],
+                    "additionalProperties": False,  # any other part: 422
                     "properties": {
-                        "adapter_config": {
-                            "type": "string",
-                            "format": "binary",
-                            "description": "adapter_config.json",
-                        },
-                        "adapter_model": {
-                            "type": "string",
-                            "format": "binary",
-                            "description": "adapter_model.safetensors",
-                        },
-                        "labels": {
-                            "type": "string",
-                            "description": 'JSON array of label names, e.g. ["neg", "pos"]',
-                        },
+                        "adapter_config": _CONFIG_PART,
+                        "adapter_model": _MODEL_PART,
+                        "labels": _LABELS_PART,
                     },
-                }
+                },
+                "encoding": {
+                    "adapter_config": {"contentType": "application/json"},
+                    "adapter_model": {"contentType": "application/octet-stream"},
+                    "labels": {"contentType": "text/plain"},
+                },
             }
         },
     }
@@ -121,6 +156,12 @@ async def put_adapter(
     except MultiPartException as exc:
         if "maximum size" in exc.message:
             raise PayloadTooLargeError(f"A text part of the upload is too large: {exc.message}") from None
+        if exc.message.startswith("Too many"):
+            # The same answer as for one unknown or repeated part: the upload's parts are wrong.
+            raise InvalidAdapterError(
+                "The upload has more parts than 'adapter_config', 'adapter_model' and 'labels'; "
+                "send each once."
+            ) from None
         raise BadRequestError(f"The multipart body could not be parsed: {exc.message}") from None
     try:
         unknown = [name for name in form if name not in PARTS]

@@ -32,7 +32,23 @@ async def ready(request: Request) -> Response | dict:
     return {"status": "ready"}
 
 
-@router.get("/metrics", response_class=Response)
+_METRICS_EXAMPLE = (
+    "# HELP loraplex_requests_total HTTP requests by route template, method (unknown: 'other') and status.\n"
+    "# TYPE loraplex_requests_total counter\n"
+    'loraplex_requests_total{method="POST",route="/classify",status="200"} 42.0\n'
+)
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "Prometheus text exposition format",
+            "content": {"text/plain": {"schema": {"type": "string"}, "example": _METRICS_EXAMPLE}},
+        }
+    },
+)
 async def metrics(request: Request) -> Response:
     """Prometheus text format; every metric starts with `loraplex_`."""
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,105 @@
+"""/openapi.json: FastAPI's document plus what the routes cannot declare where they are defined.
+
+- Limits that are settings: `inputs` of /classify holds at most `max_client_batch` texts.
+- Example bodies for every operation, taken from a real server with the tweet-sentiment demo adapter
+  (`loraplex serve --preload tweet-sentiment=adapters/demo/tweet-sentiment`).
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+_INFO = {
+    "adapter_id": "tweet-sentiment",
+    "version": "e7f07dee2fee",
+    "sha256": "80f63cca6982096571b34443507903353578e85a3f3e6f2aaf4a48f44c7be4a5",
+    "rank": 8,
+    "lora_alpha": 16,
+    "target_modules": ["query", "key", "value", "dense"],
+    "num_labels": 3,
+    "labels": ["negative", "neutral", "positive"],
+    "size_bytes": 1366612,
+    "created_at": "2026-12-02T09:20:48Z",
+    "resident": True,
+}
+_CLASSIFY = {
+    "adapter_id": "tweet-sentiment",
+    "inputs": ["The service was quick and the food was excellent.", "The train was late again."],
+}
+_CLASSIFIED = {
+    "adapter_id": "tweet-sentiment",
+    "adapter_version": "e7f07dee2fee",
+    "results": [
+        {
+            "label": "positive",
+            "score": 0.9887,
+            "scores": {"negative": 0.0047, "neutral": 0.0067, "positive": 0.9887},
+        },
+        {
+            "label": "negative",
+            "score": 0.7016,
+            "scores": {"negative": 0.7016, "neutral": 0.2878, "positive": 0.0106},
+        },
+    ],
+}
+# A multipart body as Swagger UI fills it in; adapter_model is a file, which an example cannot hold.
+_UPLOAD = {
+    "adapter_config": {
+        "peft_type": "LORA",
+        "task_type": "SEQ_CLS",
+        "base_model_name_or_path": "sentence-transformers/all-MiniLM-L6-v2",
+        "r": 8,
+        "lora_alpha": 16,
+        "target_modules": ["query", "key", "value", "dense"],
+        "modules_to_save": ["classifier"],
+    },
+    "labels": '["negative", "neutral", "positive"]',
+}
+
+# (path, method) -> {"request": example, status: example}
+EXAMPLES: dict[tuple[str, str], dict] = {
+    ("/classify", "post"): {"request": _CLASSIFY, "200": _CLASSIFIED},
+    ("/adapters", "get"): {"200": {"adapters": [_INFO]}},
+    ("/adapters/{adapter_id}", "put"): {
+        "request": _UPLOAD,
+        "201": {**_INFO, "resident": False},
+        "200": {**_INFO, "resident": False},
+    },
+    ("/adapters/{adapter_id}", "get"): {"200": _INFO},
+    ("/health", "get"): {"200": {"status": "ok"}},
+    ("/ready", "get"): {"200": {"status": "ready"}},
+}
+_PATH_EXAMPLES = {"adapter_id": "tweet-sentiment"}
+
+
+def install_openapi(app: FastAPI, *, max_client_batch: int) -> None:
+    """Make `app.openapi()` build (once) the document described above."""
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = complete(FastAPI.openapi(app), max_client_batch=max_client_batch)
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+def complete(doc: dict, *, max_client_batch: int) -> dict:
+    body = doc["paths"]["/classify"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    for option in body["properties"]["inputs"]["anyOf"]:
+        if option.get("type") == "array":
+            option["maxItems"] = max_client_batch
+    for (path, method), examples in EXAMPLES.items():
+        operation = doc["paths"][path][method]
+        if "request" in examples:
+            for media in operation["requestBody"]["content"].values():
+                media["example"] = examples["request"]
+        for status, response in operation["responses"].items():
+            for media in response.get("content", {}).values():
+                if status in examples:
+                    media["example"] = examples[status]
+    for item in doc["paths"].values():
+        for operation in item.values():
+            for parameter in operation.get("parameters", ()):
+                if parameter["name"] in _PATH_EXAMPLES:
+                    parameter["example"] = _PATH_EXAMPLES[parameter["name"]]
+    return doc
