@@ -10,6 +10,10 @@ for more entries. Results go back to each request's future; a request's rows may
     await job.future                          # job.logits[i]: the logits of input i
     batcher.cancel(job, "disconnect")         # drops what is still queued (timeouts, gone clients)
 
+A batch that fails is run again split by adapter, so that only the requests of the adapter at fault
+fail (`blame`: 409 naming it, or 503 with Retry-After when the server is at fault, e.g. out of memory);
+the other adapters' requests get their answers.
+
 A cancel costs O(1), whatever the queue's length: it closes the job, whose queued entries are then
 skipped (and discarded) when the worker next takes a batch; `depth` counts only the live ones. When
 more than half of the queue is skipped entries, the queue is rebuilt once without them.
@@ -27,10 +31,12 @@ from dataclasses import dataclass
 
 import torch
 
-from loraplex.adapters.errors import LoraplexError, OverloadedError, UnavailableError
+from loraplex.adapters.errors import ConflictError, LoraplexError, OverloadedError, UnavailableError
 from loraplex.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 1  # what a request that failed through the server's fault is told to wait
 
 
 @dataclass(eq=False)
@@ -230,15 +236,33 @@ class Batcher:
         return batch
 
     def _execute(self, batch: list[Entry]) -> None:
-        start = time.monotonic()
+        """Run one batch; if it fails, run each adapter's rows on their own so that only the cause fails."""
         try:
-            slots = self._registry.slots_for([entry.job.handle for entry in batch])
-            logits = self._engine.classify([entry.token_ids for entry in batch], slots)
-        except Exception as exc:  # one bad batch fails its requests, never the worker
-            if not isinstance(exc, LoraplexError):
-                log.exception("batch of %d rows failed", len(batch))
-            self._fail_batch(batch, exc)
+            self._run_rows(batch)
             return
+        except Exception as exc:  # one bad batch fails at most its own requests, never the worker
+            failure = exc
+        groups: dict[tuple[str, str], list[Entry]] = {}
+        for entry in batch:
+            groups.setdefault(entry.job.handle.key, []).append(entry)
+        failed: list[tuple[list[Entry], Exception]] = []
+        if len(groups) == 1:
+            failed.append((batch, failure))
+        else:
+            for group in groups.values():
+                try:
+                    self._run_rows(group)
+                except Exception as exc:
+                    failed.append((group, exc))
+        # The adapter is at fault when other adapters ran, or when the engine runs rows without it.
+        engine_works = len(failed) < len(groups) or self._engine_works(batch[0].token_ids)
+        for group, exc in failed:
+            self._fail_batch(group, blame(exc, group[0].job.handle, engine_works))
+
+    def _run_rows(self, batch: list[Entry]) -> None:
+        start = time.monotonic()
+        slots = self._registry.slots_for([entry.job.handle for entry in batch])
+        logits = self._engine.classify([entry.token_ids for entry in batch], slots)
         end = time.monotonic()
         self._observe(batch, start, end)
         done = []
@@ -253,6 +277,14 @@ class Batcher:
                 done.append(job)
         if done:
             self._loop.call_soon_threadsafe(_finish, done)
+
+    def _engine_works(self, token_ids: list[int]) -> bool:
+        """Whether the engine computes one row with no adapter: a broken adapter, or a broken server."""
+        try:
+            self._engine.classify([token_ids], [self._engine.empty_slot])
+        except Exception:
+            return False
+        return True
 
     def _observe(self, batch: list[Entry], start: float, end: float) -> None:
         m = self._metrics
@@ -299,6 +331,41 @@ def take_batch(
         adapters.add(key)
         longest = padded
     return batch
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch's out-of-memory error, or the RuntimeError that some backends raise instead."""
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    )
+
+
+def blame(exc: Exception, handle, engine_works: bool) -> LoraplexError:
+    """The error that the requests of `handle`'s failed rows get: never an untyped one (a 500).
+
+    Typed errors pass through; out of memory and a failing engine are the server's (503 with
+    Retry-After); any other failure of an adapter's rows while the engine works is that adapter's (409).
+    """
+    if isinstance(exc, LoraplexError):
+        return exc
+    if is_out_of_memory(exc):
+        log.error("out of memory running adapter %s version %s: %s", handle.adapter_id, handle.version, exc)
+        return UnavailableError(
+            f"The server ran out of memory computing adapter {handle.adapter_id!r}; retry after the time "
+            "in Retry-After, or send fewer or shorter inputs.",
+            RETRY_AFTER_S,
+        )
+    log.error("rows of adapter %s version %s failed", handle.adapter_id, handle.version, exc_info=exc)
+    if not engine_works:
+        return UnavailableError(
+            "The server could not compute this request; retry after the time in Retry-After or on "
+            "another replica.",
+            RETRY_AFTER_S,
+        )
+    return ConflictError(
+        f"Adapter {handle.adapter_id!r} (version {handle.version}) fails in this server's engine "
+        f"({type(exc).__name__}); other adapters are unaffected. Upload a corrected version of it."
+    )
 
 
 def _finish(jobs: list[Job]) -> None:

@@ -38,11 +38,13 @@ class LiveServer:
         port: int | None = None,
         ready_timeout: float = 120.0,
         control: EngineControl | None = None,
+        module: str | None = None,
     ):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.args = list(args)
         self.control = control
+        self.module = module  # run `python -m MODULE serve` (a test engine's entry point) instead
         controlled = control.env() if control else {}
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **controlled, **(env or {})}
         self.ready_timeout = ready_timeout
@@ -59,7 +61,7 @@ class LiveServer:
             [
                 sys.executable,
                 "-m",
-                "tests.paced_engine" if paced else "loraplex",
+                self.module or ("tests.paced_engine" if paced else "loraplex"),
                 "serve",
                 "--host",
                 "127.0.0.1",
