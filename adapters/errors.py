@@ -45,6 +45,11 @@ class ConflictError(LoraplexError):
     error_type = "conflict"
 
 
+class DamagedAdapterError(ConflictError):
+    """What the store holds for an adapter is damaged or foreign (not JSON, wrong fields, unreadable weights);
+    the adapter is skipped, never served, until it is uploaded again or deleted."""
+
+
 class OverloadedError(LoraplexError):
     """The queue is full; `retry_after` is in seconds."""
 

@@ -23,6 +23,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -33,7 +34,9 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from loraplex.adapters.errors import InvalidAdapterError, NotFoundError
+from loraplex.adapters.errors import DamagedAdapterError, InvalidAdapterError, NotFoundError
+
+log = logging.getLogger("loraplex.store")
 
 ADAPTER_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 CONFIG_NAME = "adapter_config.json"
@@ -41,6 +44,7 @@ MODEL_NAME = "adapter_model.safetensors"
 LABELS_NAME = "labels.json"
 MANIFEST_NAME = "manifest.json"
 VERSION_LEN = 12  # hex digits of the content hash shown as `version`
+VERSION_RE = re.compile(rf"^[0-9a-f]{{{VERSION_LEN}}}$")
 
 
 def check_adapter_id(adapter_id: str) -> str:
@@ -113,12 +117,75 @@ class AdapterRecord:
         )
 
 
+def parse_manifest(raw: bytes, adapter_id: str) -> tuple[AdapterRecord, dict]:
+    """The record in a manifest read from the store, and its JSON; ValueError saying what is wrong with it.
+
+    The store is shared and outlives versions of this server, so nothing in it is trusted: the manifest
+    must be a JSON object of the expected fields and types, name `adapter_id` and a well-formed version.
+    """
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError(f"its manifest is not JSON ({type(exc).__name__})") from None
+    if not isinstance(data, dict):
+        raise ValueError("its manifest is not a JSON object")
+    kinds = {
+        "adapter_id": str, "version": str, "sha256": str, "rank": int, "lora_alpha": (int, float),
+        "target_modules": list, "labels": list, "size_bytes": int, "created_at": str,
+    }  # fmt: skip
+    for name, kind in kinds.items():
+        value = data.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ValueError(f"its manifest has no valid {name!r}")
+    if data["adapter_id"] != adapter_id:
+        raise ValueError(f"its manifest names another adapter ({data['adapter_id'][:80]!r})")
+    if not VERSION_RE.fullmatch(data["version"]):
+        raise ValueError("its manifest's version is not a content hash")
+    for name in ("target_modules", "labels"):
+        if not all(isinstance(item, str) for item in data[name]):
+            raise ValueError(f"its manifest's {name!r} is not a list of strings")
+    if not data["labels"] or data["rank"] < 1:
+        raise ValueError("its manifest has no labels or no rank")
+    return AdapterRecord.from_json(data), data
+
+
+def parse_stored_labels(raw: bytes) -> tuple[str, ...]:
+    """The labels file of a stored version; ValueError when it is not a non-empty JSON list of strings."""
+    try:
+        labels = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise ValueError(f"its {LABELS_NAME} is not JSON") from None
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+        raise ValueError(f"its {LABELS_NAME} is not a non-empty list of label names")
+    return tuple(labels)
+
+
 def utc_now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class AdapterStore(ABC):
-    """Where adapters live between uploads, restarts and replicas. Methods block: call them off the loop."""
+    """Where adapters live between uploads, restarts and replicas. Methods block: call them off the loop.
+
+    What a store holds is input: a damaged or foreign manifest, labels file or weights makes `get` and
+    `read` raise DamagedAdapterError (409) for that id, and `list` skip it; each one met is logged and
+    counted in `damaged`.
+    """
+
+    damaged = 0  # damaged or foreign entries met (skipped in a listing, or refused for a request)
+    _warned: frozenset[tuple[str, str]] = frozenset()  # (adapter_id, reason) already logged as warnings
+
+    def damaged_error(self, adapter_id: str, reason: str) -> DamagedAdapterError:
+        """Count a damaged entry, log it (a warning the first time); the error that a request for it gets."""
+        self.damaged += 1
+        seen = (adapter_id, reason) in self._warned
+        self._warned = self._warned | {(adapter_id, reason)}
+        level = logging.DEBUG if seen else logging.WARNING
+        log.log(level, "adapter %r in %r is damaged and skipped: %s", adapter_id, self, reason)
+        return DamagedAdapterError(
+            f"Adapter {adapter_id!r} cannot be served: what the adapter store holds for it is damaged or "
+            f"was written by something else ({reason}). Upload it again or delete it."
+        )
 
     @abstractmethod
     def put(self, record: AdapterRecord, files: AdapterFiles) -> tuple[AdapterRecord, bool]:
@@ -134,7 +201,7 @@ class AdapterStore(ABC):
 
     @abstractmethod
     def list(self) -> list[AdapterRecord]:
-        """Current records of every stored adapter, sorted by id."""
+        """Current records of every stored adapter, sorted by id; damaged ones are skipped."""
 
     @abstractmethod
     def read(self, adapter_id: str, version: str) -> AdapterFiles:
@@ -174,29 +241,37 @@ class DirectoryStore(AdapterStore):
     def get(self, adapter_id: str) -> AdapterRecord | None:
         check_adapter_id(adapter_id)
         try:
-            data = json.loads((self._adapters / adapter_id / MANIFEST_NAME).read_bytes())
+            raw = (self._adapters / adapter_id / MANIFEST_NAME).read_bytes()
+            return parse_manifest(raw, adapter_id)[0]
         except FileNotFoundError:
             return None
-        return AdapterRecord.from_json(data)
+        except (OSError, ValueError) as exc:
+            raise self.damaged_error(adapter_id, _reason(exc)) from None
 
     def list(self) -> list[AdapterRecord]:
         records = []
         for entry in sorted(os.listdir(self._adapters)):
-            if ADAPTER_ID_RE.fullmatch(entry) and (record := self.get(entry)) is not None:
-                records.append(record)
+            if ADAPTER_ID_RE.fullmatch(entry):
+                with contextlib.suppress(DamagedAdapterError):  # logged and counted by get()
+                    if (record := self.get(entry)) is not None:
+                        records.append(record)
         return records
 
     def read(self, adapter_id: str, version: str) -> AdapterFiles:
         check_adapter_id(adapter_id)
+        if not VERSION_RE.fullmatch(version):
+            raise NotFoundError(f"Adapter {adapter_id!r} has no version {version[:80]!r}.")
         folder = self._adapters / adapter_id / version
         try:
             return AdapterFiles(
                 config=(folder / CONFIG_NAME).read_bytes(),
                 model=(folder / MODEL_NAME).read_bytes(),
-                labels=tuple(json.loads((folder / LABELS_NAME).read_bytes())),
+                labels=parse_stored_labels((folder / LABELS_NAME).read_bytes()),
             )
         except FileNotFoundError:
             raise NotFoundError(f"Adapter {adapter_id!r} version {version} is no longer stored.") from None
+        except (OSError, ValueError) as exc:
+            raise self.damaged_error(adapter_id, _reason(exc)) from None
 
     # --- writes ------------------------------------------------------------------------------------
 
@@ -205,7 +280,10 @@ class DirectoryStore(AdapterStore):
         if record.version != files.version():
             raise ValueError("record.version must be files.version()")
         with self._locked(adapter_id):
-            previous = self.get(adapter_id)
+            try:
+                previous = self.get(adapter_id)
+            except DamagedAdapterError:  # an upload is how a damaged adapter is repaired
+                previous = None
             if previous is not None and previous.version == record.version:
                 return previous, False
             folder = self._adapters / adapter_id
@@ -253,7 +331,10 @@ class DirectoryStore(AdapterStore):
             if ADAPTER_ID_RE.fullmatch(adapter_id):
                 with self._locked(adapter_id, blocking=False) as held:
                     if held:
-                        current = self.get(adapter_id)
+                        try:
+                            current = self.get(adapter_id)
+                        except DamagedAdapterError:
+                            continue  # which version is current is unknown: keep every one
                         self._drop_unreferenced_versions(adapter_id, keep=current and current.version)
 
     # --- helpers -----------------------------------------------------------------------------------
@@ -282,6 +363,11 @@ class DirectoryStore(AdapterStore):
             yield True
         finally:
             os.close(fd)  # closing the descriptor releases the lock
+
+
+def _reason(exc: Exception) -> str:
+    """Why an entry is damaged: a ValueError's own words, or the kind of read that failed."""
+    return str(exc) if isinstance(exc, ValueError) else f"it could not be read ({type(exc).__name__})"
 
 
 def _write_durably(path: Path, data: bytes) -> None:

@@ -35,7 +35,7 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
-from loraplex.adapters.errors import ConflictError, NotFoundError, UnavailableError
+from loraplex.adapters.errors import ConflictError, DamagedAdapterError, NotFoundError, UnavailableError
 from loraplex.adapters.store import (
     ADAPTER_ID_RE,
     CONFIG_NAME,
@@ -46,6 +46,8 @@ from loraplex.adapters.store import (
     AdapterRecord,
     AdapterStore,
     check_adapter_id,
+    parse_manifest,
+    parse_stored_labels,
 )
 
 log = logging.getLogger("loraplex.store")
@@ -141,9 +143,9 @@ class S3Store(AdapterStore):
     def list(self) -> list[AdapterRecord]:
         records = []
         for adapter_id in self._list_ids():
-            record = self.get(adapter_id)
-            if record is not None:
-                records.append(record)
+            with contextlib.suppress(DamagedAdapterError):  # logged and counted by get()
+                if (record := self.get(adapter_id)) is not None:
+                    records.append(record)
         return records
 
     def read(self, adapter_id: str, version: str) -> AdapterFiles:
@@ -155,11 +157,13 @@ class S3Store(AdapterStore):
         try:
             config = self._get_bytes(f"{folder}/{CONFIG_NAME}")
             model = self._get_bytes(f"{folder}/{MODEL_NAME}")
-            labels = json.loads(self._get_bytes(f"{folder}/{LABELS_NAME}"))
+            labels = parse_stored_labels(self._get_bytes(f"{folder}/{LABELS_NAME}"))
         except _Missing:
             self._folders.pop(adapter_id, None)
             raise gone from None
-        return AdapterFiles(config=config, model=model, labels=tuple(labels))
+        except ValueError as exc:
+            raise self.damaged_error(adapter_id, str(exc)) from None
+        return AdapterFiles(config=config, model=model, labels=labels)
 
     # --- writes ------------------------------------------------------------------------------------
 
@@ -167,8 +171,8 @@ class S3Store(AdapterStore):
         adapter_id = check_adapter_id(record.adapter_id)
         if record.version != files.version():
             raise ValueError("record.version must be files.version()")
-        current = self._read_manifest(adapter_id)
-        if current is not None and current[0].version == record.version:
+        current = self._read_manifest(adapter_id, damaged_ok=True)  # an upload repairs a damaged one
+        if current is not None and current[0] is not None and current[0].version == record.version:
             return current[0], False
         folder = f"{self._id_prefix(adapter_id)}{record.version}.{secrets.token_hex(6)}"
         # Weights first, manifest last: a crash in between leaves only an unnamed folder (removed later).
@@ -180,10 +184,10 @@ class S3Store(AdapterStore):
             try:
                 self._put_manifest(adapter_id, manifest, expected_etag=current and current[2])
             except _PreconditionFailed:
-                latest = self._read_manifest(adapter_id)
+                latest = self._read_manifest(adapter_id, damaged_ok=True)
                 if latest is not None and latest[1] == folder:
                     break  # our own write, answered late and retried by the client library
-                if latest is not None and latest[0].version == record.version:
+                if latest is not None and latest[0] is not None and latest[0].version == record.version:
                     # Another writer stored the same content meanwhile: keep theirs, drop our copy.
                     self._delete_folder(folder)
                     return latest[0], False
@@ -199,14 +203,14 @@ class S3Store(AdapterStore):
 
     def delete(self, adapter_id: str) -> bool:
         check_adapter_id(adapter_id)
-        current = self._read_manifest(adapter_id)
+        current = self._read_manifest(adapter_id, damaged_ok=True)  # a damaged adapter can be deleted
         if current is None:
             return False
         for _ in range(MANIFEST_SWAP_TRIES):
             try:
                 self._delete_manifest(adapter_id, expected_etag=current[2])
             except _PreconditionFailed:
-                latest = self._read_manifest(adapter_id)
+                latest = self._read_manifest(adapter_id, damaged_ok=True)
                 if latest is None:
                     break  # gone already: deleted by us (a retried request) or by another writer
                 current = latest
@@ -226,17 +230,31 @@ class S3Store(AdapterStore):
     def _manifest_key(self, adapter_id: str) -> str:
         return self._id_prefix(adapter_id) + MANIFEST_NAME
 
-    def _read_manifest(self, adapter_id: str) -> tuple[AdapterRecord, str, str] | None:
-        """(record, folder, etag) of the current manifest, or None."""
+    def _read_manifest(
+        self, adapter_id: str, damaged_ok: bool = False
+    ) -> tuple[AdapterRecord | None, str | None, str] | None:
+        """(record, folder, etag) of the current manifest, or None when there is none.
+
+        A damaged manifest raises DamagedAdapterError, or with `damaged_ok` gives (None, None, etag):
+        what a write that replaces or deletes it needs.
+        """
         try:
             response = self._call("get_object", Bucket=self.bucket, Key=self._manifest_key(adapter_id))
             body = response["Body"].read()
         except _Missing:
             self._folders.pop(adapter_id, None)
             return None
-        data = json.loads(body)
-        record = AdapterRecord.from_json(data)
-        folder = str(data[OBJECTS_KEY])
+        try:
+            record, data = parse_manifest(body, adapter_id)
+            folder = data.get(OBJECTS_KEY)
+            prefix = f"{self._id_prefix(adapter_id)}{record.version}."
+            if not isinstance(folder, str) or not folder.startswith(prefix) or "/" in folder[len(prefix) :]:
+                raise ValueError("its manifest names no folder of this adapter's version")
+        except ValueError as exc:
+            self._folders.pop(adapter_id, None)
+            if damaged_ok:
+                return None, None, response["ETag"]
+            raise self.damaged_error(adapter_id, str(exc)) from None
         self._folders[adapter_id] = (record.version, folder)
         return record, folder, response["ETag"]
 

@@ -125,5 +125,8 @@ class _RegistryCollector:
         )
         yield CounterMetricFamily("loraplex_store_loads", "Adapters read from the store.", r.store_loads)
         yield CounterMetricFamily(
+            "loraplex_store_damaged", "Damaged or foreign store entries skipped or refused.", r.damaged
+        )
+        yield CounterMetricFamily(
             "loraplex_host_evictions", "Adapters dropped from the host cache.", r.host_evictions
         )
