@@ -12,23 +12,35 @@ written while a forward pass reads it.
 Consistency: a handle names one (adapter_id, version) and holds that version's weights, so a request keeps
 the version it resolved even if the adapter is replaced or deleted while it waits. After `put`/`delete`
 returns, `get` on this process sees the new state. Changes made by other processes sharing the store are
-seen within `staleness_s`: a current version known for longer than that is checked against the store's
-manifest before use.
+seen within `staleness_s` (plus the time the store takes to answer).
+
+The store stays off the hot path: a request whose version is in host memory never waits for the store.
+Manifests of cached adapters are re-read in the background (`start`: every staleness_s / 2, on threads
+of their own), and a stale one is refreshed in the background while the known version serves. While the
+store is down, slow or holds a damaged manifest, the version in memory keeps serving. Only a version not
+in memory is read on the request path. The event loop never waits for the engine thread: resident
+slots are published as an immutable set, and retirements reach the worker through a queue.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Hashable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loraplex.adapters.errors import ConflictError, InvalidAdapterError, NotFoundError, UnavailableError
+from loraplex.adapters.errors import (
+    DamagedAdapterError,
+    InvalidAdapterError,
+    LoraplexError,
+    NotFoundError,
+)
 from loraplex.adapters.peft import AdapterWeights
 from loraplex.adapters.store import (
     ADAPTER_ID_RE,
@@ -44,6 +56,8 @@ log = logging.getLogger("loraplex.registry")
 
 Key = tuple[str, str]  # (adapter_id, version)
 LoadListener = Callable[[str, float], None]  # (tier: "slot" | "store", seconds)
+REFRESH_THREADS = 4  # background manifest reads at once; a slow store holds these, never a request
+MIN_REFRESH_INTERVAL_S = 0.1
 
 
 @dataclass(frozen=True, eq=False)
@@ -85,7 +99,13 @@ class Registry:
         self.num_slots: int = engine.num_slots
         self.max_rank: int = max_rank if max_rank is not None else engine.max_rank
         self.max_labels: int = max_labels if max_labels is not None else engine.max_labels
-        self.max_host_cache = max(1, max_host_cache)
+        if max_host_cache < self.num_slots:
+            raise ValueError(
+                f"max_host_cache ({max_host_cache}) must be at least the number of engine slots "
+                f"({self.num_slots}): a resident adapter dropped from host memory is read from the store "
+                "again on every request."
+            )
+        self.max_host_cache = max_host_cache
         self.staleness_s = staleness_s
         # Event-loop state.
         self._known: dict[str, _Known] = {}
@@ -93,35 +113,63 @@ class Registry:
         self._generation: dict[str, int] = {}  # bumped by put/delete so that older store reads are discarded
         self._inflight: dict[Hashable, asyncio.Task] = {}
         self._id_locks: dict[str, asyncio.Lock] = {}
-        # Slot state, shared between the worker thread and `is_resident`.
-        self._slot_lock = threading.Lock()
+        self._refresh_pool = ThreadPoolExecutor(REFRESH_THREADS, thread_name_prefix="loraplex-refresh")
+        self._refresher: asyncio.Task | None = None
+        # Slot state: the worker thread's alone. The event loop reads `_resident_keys` (replaced whole,
+        # never changed in place) and sends retirements through `_retirements` (deque: thread-safe ends).
         self._slots: list[Key | None] = [None] * self.num_slots
         self._slot_of: dict[Key, int] = {}
         self._lru: OrderedDict[Key, None] = OrderedDict()  # resident keys, least recently used first
         self._retired: set[Key] = set()  # resident keys that were replaced or deleted: evicted first
+        self._resident_keys: frozenset[Key] = frozenset()
+        self._retirements: deque[tuple[str, str | None]] = deque()  # (adapter_id, version kept)
         # Counters for metrics.
         self.hits = 0  # distinct adapters of a batch already in a slot
         self.misses = 0  # ... that had to be written into a slot
         self.evictions = 0  # slot writes that displaced another adapter
         self.store_loads = 0  # host-cache misses read from the store
         self.host_evictions = 0
+        self.damaged_weights = 0  # stored versions whose weights could not be served
         self.load_listeners: list[LoadListener] = []
+
+    @property
+    def damaged(self) -> int:
+        """Damaged or foreign store entries met: manifests and labels files (the store's count), weights."""
+        return self.store.damaged + self.damaged_weights
+
+    def start(self) -> None:
+        """On the event loop: start re-reading cached adapters' manifests in the background."""
+        if self._refresher is None:
+            self._refresher = asyncio.ensure_future(self._refresh_cached())
+
+    async def close(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+            self._refresher = None
+        self._refresh_pool.shutdown(wait=False, cancel_futures=True)
 
     # --- event-loop side ---------------------------------------------------------------------------
 
     async def get(self, adapter_id: str) -> AdapterHandle:
-        """The current version of `adapter_id`, weights in host memory; NotFoundError if there is none."""
+        """The current version of `adapter_id`, weights in host memory; NotFoundError if there is none.
+
+        A version in host memory is returned at once, even when its manifest is due for a check (that
+        check runs in the background); otherwise the manifest and the weights are read from the store.
+        """
         _check_known_id(adapter_id)
         for _ in range(4):
             known = self._known.get(adapter_id)
-            if known is None or time.monotonic() - known.checked_at >= self.staleness_s:
-                try:
-                    await self._once(("manifest", adapter_id), lambda: self._refresh(adapter_id))
-                except UnavailableError:
-                    if known is None or (adapter_id, known.record.version) not in self._host:
-                        raise
-                    # Store unreachable: keep serving the version in memory; ask again after staleness_s.
-                    self._known[adapter_id] = _Known(known.record, time.monotonic())
+            if known is not None:
+                handle = self._host.get((adapter_id, known.record.version))
+                if handle is not None:
+                    if self._age(known) >= self.staleness_s:
+                        self._refresh_soon(adapter_id)
+                    self._host.move_to_end(handle.key)
+                    return handle
+            if known is None or self._age(known) >= self.staleness_s:
+                await self._once(("manifest", adapter_id), lambda: self._refresh(adapter_id))
                 known = self._known.get(adapter_id)
                 if known is None:
                     raise NotFoundError(f"There is no adapter named {adapter_id!r}.")
@@ -213,14 +261,12 @@ class Registry:
 
     def is_resident(self, adapter_id: str, version: str) -> bool:
         """Whether this version sits in a device slot right now."""
-        with self._slot_lock:
-            return (adapter_id, version) in self._slot_of
+        return (adapter_id, version) in self._resident_keys
 
     @property
     def resident(self) -> int:
         """Occupied device slots."""
-        with self._slot_lock:
-            return len(self._slot_of)
+        return len(self._resident_keys)
 
     @property
     def host_cached(self) -> int:
@@ -239,7 +285,11 @@ class Registry:
             distinct.setdefault(handle.key, handle)
         if len(distinct) > self.num_slots:
             raise ValueError(f"{len(distinct)} distinct adapters in one batch, only {self.num_slots} slots")
-        with self._slot_lock:
+        while self._retirements:
+            adapter_id, keep = self._retirements.popleft()
+            self._retired.update(k for k in self._slot_of if k[0] == adapter_id and k[1] != keep)
+            self._retired.discard((adapter_id, keep))  # re-uploaded content: current again
+        try:
             for key, handle in distinct.items():
                 if key in self._slot_of:
                     self.hits += 1
@@ -248,16 +298,14 @@ class Registry:
                 self.misses += 1
                 slot = self._victim(distinct)
                 started = time.perf_counter()
-                try:
-                    self.engine.load_slot(slot, handle.weights)
-                except BaseException:
-                    self._slots[slot] = None  # half-written: never hand it out
-                    raise
+                self.engine.load_slot(slot, handle.weights)  # raises: the slot stays empty, never handed out
                 self._slots[slot] = key
                 self._slot_of[key] = slot
                 self._lru[key] = None
                 self._notify("slot", time.perf_counter() - started)
-            return [self._slot_of[handle.key] for handle in handles]
+        finally:
+            self._resident_keys = frozenset(self._slot_of)
+        return [self._slot_of[handle.key] for handle in handles]
 
     def _victim(self, needed: dict[Key, AdapterHandle]) -> int:
         """A slot to write: an empty one, else a retired adapter's, else the least recently used one."""
@@ -276,10 +324,38 @@ class Registry:
 
     # --- helpers -----------------------------------------------------------------------------------
 
-    async def _refresh(self, adapter_id: str) -> None:
+    def _age(self, known: _Known) -> float:
+        return time.monotonic() - known.checked_at
+
+    def _refresh_soon(self, adapter_id: str) -> None:
+        """Check `adapter_id`'s manifest in the background; the version in memory serves meanwhile."""
+        if ("manifest", adapter_id) not in self._inflight:
+            asyncio.ensure_future(
+                self._once(("manifest", adapter_id), lambda: self._refresh_cached_one(adapter_id))
+            )
+
+    async def _refresh_cached_one(self, adapter_id: str) -> None:
+        try:
+            await self._refresh(adapter_id, self._refresh_pool)
+        except LoraplexError as exc:  # store down or manifest damaged: what is in memory keeps serving
+            known = self._known.get(adapter_id)
+            if known is not None:
+                self._known[adapter_id] = _Known(known.record, time.monotonic())  # ask again later
+            log.warning("kept adapter %s in memory: %s", adapter_id, exc.message)
+
+    async def _refresh_cached(self) -> None:
+        """Forever: re-read the manifests of host-cached adapters before they are stale."""
+        interval = max(self.staleness_s / 2, MIN_REFRESH_INTERVAL_S)
+        while True:
+            await asyncio.sleep(interval)
+            for adapter_id, known in list(self._known.items()):
+                if self._age(known) >= interval and (adapter_id, known.record.version) in self._host:
+                    self._refresh_soon(adapter_id)
+
+    async def _refresh(self, adapter_id: str, pool: ThreadPoolExecutor | None = None) -> None:
         generation = self._generation.get(adapter_id, 0)
         started = time.monotonic()
-        record = await asyncio.to_thread(self.store.get, adapter_id)
+        record = await asyncio.get_running_loop().run_in_executor(pool, self.store.get, adapter_id)
         if self._generation.get(adapter_id, 0) != generation:
             return  # a put/delete of this process answered meanwhile; its state is newer than this read
         previous = self._known.get(adapter_id)
@@ -304,8 +380,12 @@ class Registry:
         files = self.store.read(record.adapter_id, record.version)
         try:
             return load_stored(files, self.base, max_rank=self.max_rank, max_labels=self.max_labels)
-        except InvalidAdapterError as exc:
-            raise ConflictError(
+        except LoraplexError as exc:  # what an upload would get as 4xx: damaged, foreign or beyond limits
+            self.damaged_weights += 1
+            log.warning(
+                "adapter %r version %s is skipped: %s", record.adapter_id, record.version, exc.message
+            )
+            raise DamagedAdapterError(
                 f"Adapter {record.adapter_id!r} version {record.version} in the store cannot be served by "
                 f"this server: {exc.message}"
             ) from None
@@ -319,9 +399,7 @@ class Registry:
 
     def _retire(self, adapter_id: str, keep: str | None) -> None:
         """Forget cached versions of `adapter_id` other than `keep`; resident ones are evicted first."""
-        with self._slot_lock:
-            self._retired.update(k for k in self._slot_of if k[0] == adapter_id and k[1] != keep)
-            self._retired.discard((adapter_id, keep))  # re-uploaded content: current again
+        self._retirements.append((adapter_id, keep))  # the worker applies it before its next slot write
         for key in [k for k in self._host if k[0] == adapter_id and k[1] != keep]:
             del self._host[key]
 

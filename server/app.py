@@ -68,6 +68,8 @@ async def _lifespan(app: FastAPI):
         batcher: Batcher | None = app.state.batcher
         if batcher is not None:
             await batcher.stop()
+        if app.state.registry is not None:
+            await app.state.registry.close()
         if app.state.tokenizer is not None:
             app.state.tokenizer.shutdown(wait=False, cancel_futures=True)
 
@@ -116,6 +118,7 @@ async def _start(app: FastAPI) -> None:
         max_queued=s.max_queued,
     )
     batcher.start()
+    registry.start()
     metrics.queue_depth.set_function(lambda: batcher.depth)
     app.state.engine = engine
     app.state.store = store

@@ -115,6 +115,12 @@ class Settings(BaseSettings):
                 f"max_client_batch ({self.max_client_batch}) is larger than max_queued ({self.max_queued}), "
                 "so a full client batch could never be admitted"
             )
+        if self.max_host_cache < self.max_resident:
+            raise ValueError(
+                f"max_host_cache ({self.max_host_cache}) is smaller than max_resident "
+                f"({self.max_resident}), so resident adapters would be read from the store again on every "
+                "request; raise --max-host-cache or lower --max-resident"
+            )
         return self
 
     def preload_items(self) -> list[tuple[str, Path]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -136,20 +137,31 @@ class GatedStore(DirectoryStore):
 
 def test_a_slow_store_read_never_undoes_a_newer_put(engine, folders, tmp_path):
     store = GatedStore(tmp_path)
-    registry = Registry(store, engine, staleness_s=0.0)  # every get re-reads the manifest
+    registry = Registry(store, engine, staleness_s=0.0)  # every get checks the manifest (in the background)
 
     async def main():
         first, _ = await registry.import_dir("r", folders[0])
         store.armed = True
-        reading = asyncio.create_task(registry.get("r"))  # reads `first` from the store, then stalls
+        # Served from memory at once; the manifest check reads `first` from the store, then stalls.
+        assert (await registry.get("r")).version == first.version
         assert await asyncio.to_thread(store.stalled.wait, 10)
         second, _ = await registry.import_dir("r", folders[1])  # the PUT answers while the read stalls
         store.release.set()
-        assert (await reading).version in (first.version, second.version)  # in flight: either is fine
+        while ("manifest", "r") in registry._inflight:  # the stalled check ends, and is discarded
+            await asyncio.sleep(0.01)
         registry.staleness_s = 60.0  # from here on only what the registry holds counts, not the store
         assert (await registry.get("r")).version == second.version != first.version
 
     run(main())
+
+
+async def eventually(call, done, within: float = 0.5):
+    """`await call()` until `done(result)`; fails after `within` s: the store read that a check needs."""
+    deadline = time.monotonic() + within
+    while not done(result := await call()):
+        assert time.monotonic() < deadline, f"still {result} after the staleness bound"
+        await asyncio.sleep(0.01)
+    return result
 
 
 def test_other_processes_changes_are_seen_after_the_staleness_bound(engine, folders, tmp_path):
@@ -157,14 +169,18 @@ def test_other_processes_changes_are_seen_after_the_staleness_bound(engine, fold
     reader = Registry(DirectoryStore(tmp_path), engine, staleness_s=0.3)
 
     async def main():
-        v1, _ = await writer.import_dir("s", folders[0])
-        assert (await reader.get("s")).version == v1.version
-        v2, _ = await writer.import_dir("s", folders[1])
-        await asyncio.sleep(0.35)
-        assert (await reader.get("s")).version == v2.version
-        await writer.delete("s")
-        await asyncio.sleep(0.35)
-        with pytest.raises(NotFoundError):
-            await reader.get("s")
+        reader.start()  # re-reads the manifests of what it holds every staleness_s / 2
+        try:
+            v1, _ = await writer.import_dir("s", folders[0])
+            assert (await reader.get("s")).version == v1.version
+            v2, _ = await writer.import_dir("s", folders[1])
+            await asyncio.sleep(0.3)
+            await eventually(lambda: reader.get("s"), lambda handle: handle.version == v2.version)
+            await writer.delete("s")
+            await asyncio.sleep(0.3)
+            with pytest.raises(NotFoundError):
+                await eventually(lambda: reader.get("s"), lambda handle: False)
+        finally:
+            await reader.close()
 
     run(main())

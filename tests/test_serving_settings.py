@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from loraplex import serve
-from loraplex.settings import ENV_PREFIX, Settings, load_settings, option_flag
+from loraplex.settings import ENV_PREFIX, Settings, SettingsError, load_settings, option_flag
 from tests.live_server import REPO, free_port
 
 # A valid value that differs from the default, for every setting, and what it parses to.
@@ -24,7 +24,7 @@ VALUES = {
     "dtype": ("bfloat16", "bfloat16"),
     "adapter_store": ("/data/adapters", "/data/adapters"),
     "max_resident": ("3", 3),
-    "max_host_cache": ("9", 9),
+    "max_host_cache": ("20", 20),
     "max_rank": ("16", 16),
     "max_labels": ("7", 7),
     "max_batch_tokens": ("4096", 4096),
@@ -116,6 +116,15 @@ def test_bad_value_exits_2_with_a_message(clean_env, capsys, argv, env, mentions
     for text in mentions:
         assert text in err
     assert "Traceback" not in err
+
+
+def test_host_cache_smaller_than_the_slots_is_refused(clean_env):
+    with pytest.raises(SettingsError) as caught:
+        load_settings(["--max-resident", "32", "--max-host-cache", "31"])
+    message = str(caught.value)
+    assert "max_host_cache (31) is smaller than max_resident (32)" in message
+    assert "raise --max-host-cache or lower --max-resident" in message
+    assert load_settings(["--max-resident", "32", "--max-host-cache", "32"]).max_host_cache == 32
 
 
 def test_secrets_are_not_echoed_in_errors(clean_env, capsys):
