@@ -279,7 +279,7 @@ class S3Store(AdapterStore):
                 return
             except _NotImplemented:
                 log.warning("%r has no conditional deletes; a delete racing an upload may win", self)
-                self._conditional_delete = True
+                self._conditional_delete = False
             except _Missing:
                 raise _PreconditionFailed() from None
         self._call("delete_object", Bucket=self.bucket, Key=key)
@@ -296,7 +296,7 @@ class S3Store(AdapterStore):
                 return
             except _NotImplemented:
                 log.warning("%r has no conditional writes; concurrent uploads fall back to last-wins", self)
-                self._conditional_put = True
+                self._conditional_put = False
             except _Missing:  # If-Match on an object deleted meanwhile
                 raise _PreconditionFailed() from None
         self._call("put_object", Bucket=self.bucket, Key=key, Body=body)
