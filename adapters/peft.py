@@ -1,17 +1,26 @@
-"""PEFT LoRA adapters for sequence classification: config semantics and tensor layout.
+"""PEFT LoRA adapters of the encoder tasks: config semantics and tensor layout.
 
 `parse_adapter` turns a PEFT `adapter_config.json` (as a dict) and the tensors of its
 `adapter_model.safetensors` into `AdapterWeights`, the form the engine writes into a slot.
 It applies PEFT's rules exactly (target matching, rank/alpha patterns, rsLoRA, layer
 selection) and rejects anything that would change the math with an `InvalidAdapterError`
 naming the field, key or shape.
+
+The config's `task_type` says what the adapter computes (`TASKS`): SEQ_CLS (or none) a head on the
+pooled output, TOKEN_CLS a head on every token, QUESTION_ANS PEFT's `qa_outputs` on every token
+(start and end logits), FEATURE_EXTRACTION no head (the encoder's hidden states, pooled by the
+caller). PEFT saves FEATURE_EXTRACTION adapters of the bare encoder, so their keys lack the
+encoder prefix ("base_model.model.encoder...", not "base_model.model.bert.encoder..."). An optional
+`problem_type` field (not one of PEFT's; PEFT ignores it when loading) gives a SEQ_CLS head's
+`problem_type` as Hugging Face's configs name it: single_label_classification (softmax),
+multi_label_classification (a sigmoid per label) or regression (raw scores, the default for one label).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -41,6 +50,20 @@ class BaseSpec:
     # head tensors that the base checkpoint itself holds (e.g. ModernBERT's head.dense from its MLM
     # head): an adapter that does not save them uses these, as PEFT does
     head_defaults: dict[str, torch.Tensor]
+    # the heads of the other tasks (TOKEN_CLS, QUESTION_ANS), keyed like head_tensors
+    task_head_tensors: dict[str, dict[str, tuple[int | None, ...]]] | None = None
+
+    def for_task(self, task: str) -> BaseSpec:
+        """This base as an adapter of `task` sees it: that task's head, and the modules its model has."""
+        if task == SEQ_CLS:
+            return self
+        heads = (self.task_head_tensors or {}).get(task, {}) if task != FEATURE_EXTRACTION else {}
+        if task != FEATURE_EXTRACTION and not heads:
+            raise InvalidAdapterError(f"Adapters of task_type {task!r} are not served on {self.model_type}.")
+        names = self.module_names
+        if task != FEATURE_EXTRACTION:  # ...ForTokenClassification / ForQuestionAnswering have no pooler
+            names = tuple(n for n in names if not n.startswith(f"{self.prefix}.pooler"))
+        return replace(self, head_tensors=heads, module_names=names)
 
     @property
     def head_modules(self) -> tuple[str, ...]:
@@ -63,6 +86,16 @@ class LoraModule:
     scaling: float  # lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA
 
 
+SEQ_CLS, TOKEN_CLS, QUESTION_ANS, FEATURE_EXTRACTION = (
+    "SEQ_CLS",
+    "TOKEN_CLS",
+    "QUESTION_ANS",
+    "FEATURE_EXTRACTION",
+)
+TASKS = (SEQ_CLS, TOKEN_CLS, QUESTION_ANS, FEATURE_EXTRACTION)
+PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
+
+
 @dataclass(frozen=True)
 class AdapterWeights:
     """A validated adapter, fp32 on the CPU, ready to be written into an engine slot."""
@@ -74,9 +107,11 @@ class AdapterWeights:
     rank: int  # largest r over modules
     lora_alpha: float
     target_modules: tuple[str, ...]  # short names of the targeted layers, e.g. ("query", "value")
+    task: str = SEQ_CLS  # one of TASKS
+    problem_type: str = "single_label_classification"  # SEQ_CLS: one of PROBLEM_TYPES
 
 
-HEAD_NAMES = ("classifier", "score")  # what PEFT puts in modules_to_save for SEQ_CLS
+HEAD_NAMES = ("classifier", "score", "qa_outputs")  # what PEFT puts in modules_to_save for its tasks
 KEY_PREFIX = "base_model.model."
 LAYER_INDEX_FREE = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")
 
@@ -112,6 +147,7 @@ _INERT_FIELDS = {
     "bias",
     "use_dora",
     "lora_bias",
+    "problem_type",
 }
 # Initialisations that rewrite the base weights: the adapter is only correct on that rewritten base.
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "lora-ga")
@@ -128,10 +164,15 @@ def _check_config(config: dict) -> None:
     if peft_type != "LORA":
         raise InvalidAdapterError(f"Field 'peft_type' is {peft_type!r}; loraplex serves only LORA adapters.")
     task_type = config.get("task_type")
-    if task_type not in (None, "SEQ_CLS"):
+    if task_type is not None and task_type not in TASKS:
         raise InvalidAdapterError(
-            f"Field 'task_type' is {task_type!r}; train the adapter with task_type='SEQ_CLS' so that it "
-            "carries its own classification head."
+            f"Field 'task_type' is {str(task_type)[:80]!r}; loraplex serves {', '.join(TASKS)} adapters."
+        )
+    problem_type = config.get("problem_type")
+    if problem_type is not None and (task_type not in (None, SEQ_CLS) or problem_type not in PROBLEM_TYPES):
+        raise InvalidAdapterError(
+            f"Field 'problem_type' is {str(problem_type)[:80]!r}; it is for SEQ_CLS adapters and one of "
+            f"{', '.join(PROBLEM_TYPES)}."
         )
     if config.get("use_dora"):
         raise InvalidAdapterError("Field 'use_dora' is true; DoRA adapters are not supported; use LoRA.")
@@ -326,7 +367,12 @@ def parse_adapter(
     labels: list[str] | None = None,
     max_rank: int = 64,
 ) -> AdapterWeights:
-    """Check a PEFT SEQ_CLS LoRA adapter against `base` and return its weights in engine form."""
+    """Check a PEFT LoRA adapter of one of `TASKS` against `base` and return its weights in engine form."""
+    _check_config(config)
+    task = config.get("task_type") or SEQ_CLS
+    base = base.for_task(task)
+    if task == FEATURE_EXTRACTION:
+        config, tensors = _under_prefix(config, tensors, base.prefix)
     paths = matched_targets(config, base)
     _check_family(config, tensors, base)
     served = base.served(config)
@@ -378,7 +424,14 @@ def parse_adapter(
         )
     if len(set(labels)) != len(labels):
         raise InvalidAdapterError("'labels' contains duplicate names.")
+    if task == QUESTION_ANS and num_labels != 2:
+        raise InvalidAdapterError(
+            f"The question-answering head has {num_labels} outputs; it needs 2 (start and end logits)."
+        )
     short_names = tuple(dict.fromkeys(path.rsplit(".", 1)[-1] for path in paths))
+    problem_type = config.get("problem_type") or (
+        "regression" if num_labels == 1 else "single_label_classification"
+    )
     return AdapterWeights(
         modules=modules,
         head=head,
@@ -387,13 +440,35 @@ def parse_adapter(
         rank=max(m.lora_A.shape[0] for m in (*modules.values(), *head_loras.values())),
         lora_alpha=float(alpha_default),
         target_modules=short_names,
+        task=task,
+        problem_type=problem_type,
     )
+
+
+def _under_prefix(config: dict, tensors: dict[str, torch.Tensor], prefix: str) -> tuple[dict, dict]:
+    """A FEATURE_EXTRACTION adapter (saved on the bare encoder) named as under the encoder's prefix.
+
+    Keys gain the prefix; a regex `target_modules` or `exclude_modules` is anchored below it, so that it
+    matches exactly the names it matched in the bare encoder.
+    """
+    config = dict(config)
+    for field in ("target_modules", "exclude_modules"):
+        value = config.get(field)
+        if isinstance(value, str) and value.lower() != "all-linear":
+            config[field] = rf"{re.escape(prefix)}\.(?:{value})"
+    renamed = {
+        (f"{KEY_PREFIX}{prefix}.{key.removeprefix(KEY_PREFIX)}" if key.startswith(KEY_PREFIX) else key): value
+        for key, value in tensors.items()
+    }
+    return config, renamed
 
 
 def _parse_head(
     config: dict, tensors: dict[str, torch.Tensor], base: BaseSpec, served: str
 ) -> tuple[dict[str, torch.Tensor], int]:
     """The head's tensors (saved whole by PEFT, or the base checkpoint's own) and its label count."""
+    if not base.head_tensors:  # FEATURE_EXTRACTION: the encoder's output is the answer
+        return {}, 0
     label_name = next(name for name, shape in base.head_tensors.items() if None in shape and len(shape) == 2)
     weight_key = KEY_PREFIX + label_name
     if weight_key not in tensors:

@@ -4,7 +4,7 @@
     engine = Engine("path/to/roberta")      # any served family (`loraplex.models`), by config.model_type
     engine.load_slot(0, adapter)            # loraplex.adapters.peft.AdapterWeights
     ids = engine.tokenize(["great", "awful"])
-    logits = engine.classify(ids, [0, 0])   # one 1-D tensor per row, over that adapter's labels
+    logits = engine.classify(ids, [0, 0])   # one tensor per row: what that slot's task computes
 
 A batch's rows are sorted by length; on the CPU they run as groups of similar length, each padded
 only to its own longest row (`length_groups`), and the answers come back in the order of the input.
@@ -22,14 +22,22 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from loraplex.adapters.errors import InvalidAdapterError, InvalidInputError
-from loraplex.adapters.peft import AdapterWeights, BaseSpec
+from loraplex.adapters.peft import FEATURE_EXTRACTION, SEQ_CLS, AdapterWeights, BaseSpec
 from loraplex.heads import head_tensors
 from loraplex.model import MultiLoraModel
 from loraplex.models import family_for
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Engine precision -> the activations' dtype. int8 keeps float32 activations, LoRA and heads; only the
+# frozen matmuls run in int8 (CPU only). float16 is for cuda; the CPU has no fast float16 matmul.
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int8": torch.float32,
+}
+DEVICE_DTYPES = {"cpu": ("float32", "bfloat16", "int8"), "cuda": ("float32", "float16", "bfloat16")}
 # On the CPU a batch runs as groups of rows of similar length, each padded only to its own longest row.
 # About 1k tokens keep a 1536-wide fp32 intermediate activation (6 MiB) in the CPU's cache. A group's
 # fixed cost (per-op overhead, per layer) is worth about 64 padding tokens at hidden size 384; a token
@@ -69,8 +77,12 @@ class Engine:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self.device = resolve_device(device)
-        if self.device.type == "cpu" and dtype != "float32":
-            raise ValueError("half precision is for cuda; use dtype float32 on cpu")
+        allowed = DEVICE_DTYPES.get(self.device.type, ("float32",))
+        if dtype not in allowed:
+            raise ValueError(
+                f"dtype {dtype} does not run on {self.device.type}; use one of {', '.join(allowed)}."
+            )
+        self.dtype = dtype
         name = str(model) if model else EMBEDDED_HUB_ID  # how errors name the served model
         model = str(model or default_model_dir())
         config = AutoConfig.from_pretrained(model)
@@ -93,12 +105,22 @@ class Engine:
         self.base = _base_spec(name, self.family, seq_cls, self.model, self.tokenizer, loading)
         del seq_cls
         self.model.to(self.device)
-        self.packed = self.model.pack() if self.device.type == "cpu" else False
+        # The frozen matmuls' kind ("onednn", "int8", "plain"), each checked at start with a fallback.
+        self.matmul = self.model.pack(int8=dtype == "int8") if self.device.type == "cpu" else "plain"
+        if dtype != "float32" and self.matmul != ("int8" if dtype == "int8" else "onednn"):
+            log.warning(
+                "dtype %s: this CPU's frozen matmuls fell back to %s, which may be slower than float32; "
+                "compare with --dtype float32 here.",
+                dtype,
+                self.matmul,
+            )
         # Padded tokens per group and the fixed cost of a group, in tokens; None: one group per batch.
         self.group_tokens: int | None = CPU_GROUP_TOKENS if self.device.type == "cpu" else None
         self.group_cost_tokens = max(4, round(CPU_GROUP_COST_TOKENS_AT_384 * (384 / config.hidden_size) ** 2))
         self.slot_rank = [0] * (num_slots + 1)
         self.slot_labels = [0] * (num_slots + 1)
+        # What each slot computes; the empty slot is the base model itself: its hidden states.
+        self.slot_task = [SEQ_CLS] * num_slots + [FEATURE_EXTRACTION]
 
     def tokenize(self, texts: list[str], truncate: bool = True) -> list[list[int]]:
         """Token ids per text, [CLS] and [SEP] included; too long and not truncated: InvalidInputError."""
@@ -126,6 +148,7 @@ class Engine:
         self._write(slot, adapter)
         self.slot_rank[slot] = adapter.rank
         self.slot_labels[slot] = adapter.num_labels
+        self.slot_task[slot] = adapter.task
 
     def clear_slot(self, slot: int) -> None:
         """Zero `slot` so that it contributes nothing (between forward passes only)."""
@@ -133,42 +156,69 @@ class Engine:
         self._write(slot, None)
         self.slot_rank[slot] = 0
         self.slot_labels[slot] = 0
+        self.slot_task[slot] = SEQ_CLS
 
     @torch.inference_mode()
     def classify(self, token_ids: list[list[int]], slots: list[int]) -> list[torch.Tensor]:
-        """One forward pass; row i uses slot `slots[i]`. Returns per row its logits over its labels (CPU).
+        """One forward pass; row i uses slot `slots[i]`. Returns per row, on the CPU, what its slot's
+        task computes: SEQ_CLS logits `[labels]`, TOKEN_CLS / QUESTION_ANS logits `[tokens, labels]`,
+        FEATURE_EXTRACTION hidden states `[tokens, hidden]` (`tokens`: the row's own length).
 
-        Rows are sorted by length and run in groups (`length_groups`), each padded to its own longest
-        row; the results come back in the order of the input.
+        A row may be a `list[int]` of token ids or `loraplex.inputs.Tokens` (ids with token types). Rows
+        are sorted by length and run in groups (`length_groups`), each padded to its own longest row;
+        the results come back in the order of the input.
         """
         if len(token_ids) != len(slots) or not token_ids:
             raise ValueError("classify needs one slot per row and at least one row")
         order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]), reverse=True)
         lengths = [len(token_ids[i]) for i in order]
-        outputs = []
+        results: list[torch.Tensor | None] = [None] * len(token_ids)
         start = 0
         for size in length_groups(lengths, self.group_tokens, self.group_cost_tokens):
             rows = order[start : start + size]
             start += size
-            outputs.append(self._forward([token_ids[i] for i in rows], [slots[i] for i in rows]))
-        logits = torch.cat(outputs).float().cpu()  # [B, max_labels] in sorted order; one copy to the host
-        position = {i: p for p, i in enumerate(order)}
-        return [logits[position[i], : self.slot_labels[s]] for i, s in enumerate(slots)]
+            outputs = self._forward([token_ids[i] for i in rows], [slots[i] for i in rows])
+            for i, output in zip(rows, outputs, strict=True):
+                results[i] = output
+        return results
 
-    def _forward(self, token_ids: list[list[int]], slots: list[int]) -> torch.Tensor:
+    def _forward(self, token_ids: list[list[int]], slots: list[int]) -> list[torch.Tensor]:
         longest = max(len(row) for row in token_ids)
         pad = self.tokenizer.pad_token_id or 0
         input_ids = torch.tensor([row + [pad] * (longest - len(row)) for row in token_ids])  # [B, T]
         lengths = torch.tensor([len(row) for row in token_ids])
-        mask = torch.arange(longest)[None, :] < lengths[:, None]  # [B, T]
+        positions = torch.arange(longest)[None, :]  # [1, T]
+        mask = positions < lengths[:, None]  # [B, T]
+        # Token type 1 from each pair's second text on; single texts (and families without types): 0.
+        starts = [getattr(row, "type_start", len(row)) for row in token_ids]
+        types = None
+        if any(s < len(row) for s, row in zip(starts, token_ids, strict=True)):
+            types = ((positions >= torch.tensor(starts)[:, None]) & mask).long()  # [B, T]
         rank = max(self.slot_rank[s] for s in slots)
         idx = torch.tensor(slots, dtype=torch.long)
-        return self.model(
+        tasks = [self.slot_task[s] for s in slots]
+        by_task = {task: [p for p, t in enumerate(tasks) if t == task] for task in dict.fromkeys(tasks)}
+        rows = {t: None if len(by_task) == 1 else torch.tensor(p).to(self.device) for t, p in by_task.items()}
+        out = self.model(
             input_ids.to(self.device, non_blocking=True),
             mask.to(self.device, non_blocking=True),
             idx.to(self.device, non_blocking=True),
             rank,
+            None if types is None else types.to(self.device, non_blocking=True),
+            rows,
         )
+        results: list[torch.Tensor | None] = [None] * len(token_ids)
+        for task, positions_of_task in by_task.items():
+            host = out[task].float().cpu()  # one copy to the host per task
+            for k, p in enumerate(positions_of_task):
+                labels, length = self.slot_labels[slots[p]], len(token_ids[p])
+                if task == SEQ_CLS:
+                    results[p] = host[k, :labels]
+                elif task == FEATURE_EXTRACTION:
+                    results[p] = host[k, :length]
+                else:
+                    results[p] = host[k, :length, :labels]
+        return results
 
     def warmup(self) -> None:
         """Run a short and a long pass once so that first requests do not pay for lazy initialisation.
@@ -190,7 +240,7 @@ class Engine:
                 linear.write(slot, part, None, None)
             else:
                 linear.write(slot, part, module.lora_A, module.lora_B * module.scaling)
-        self.model.head.write(slot, adapter.head if adapter else None)
+        self.model.write_head(slot, adapter.task if adapter else None, adapter.head if adapter else None)
 
 
 def length_groups(lengths: list[int], max_tokens: int | None, cost_tokens: int) -> list[int]:
@@ -225,11 +275,14 @@ def _base_spec(model: str, family, seq_cls, multi: MultiLoraModel, tokenizer, lo
     config = seq_cls.config
     targets = {path: (linear.in_features, linear.part_out) for path, (linear, _) in multi.targets.items()}
     heads = head_tensors(multi.head_stages, config.hidden_size)
+    task_heads = {
+        task: head_tensors(stages, config.hidden_size) for task, stages in multi.token_stages.items()
+    }
     missing = set(loading.get("missing_keys", ())) | {k for k, *_ in loading.get("mismatched_keys", ())}
     state = seq_cls.state_dict()
     defaults = {
         name: state[name].detach().float().clone()
-        for name, shape in heads.items()
+        for name, shape in [*heads.items(), *(i for h in task_heads.values() for i in h.items())]
         if None not in shape and name in state and name not in missing
     }
     positions = family.max_length(config)
@@ -246,4 +299,5 @@ def _base_spec(model: str, family, seq_cls, multi: MultiLoraModel, tokenizer, lo
         default_targets=tuple(family.DEFAULT_TARGETS),
         head_tensors=heads,
         head_defaults=defaults,
+        task_head_tensors=task_heads,
     )

@@ -1,9 +1,14 @@
-"""Classification heads, one per slot, stacked: every family's head layout as a list of stages.
+"""Task heads, one per slot, stacked: every family's head layout as a list of stages.
 
 A family describes its head as the stages PEFT saves in `modules_to_save` after pooling, e.g. RoBERTa's
 `Dense("classifier.dense", hidden) -> Act("tanh") -> Dense("classifier.out_proj")`. `SlotHead` keeps one
 copy of every stage per slot, so adapters with different label counts share a batch: the last dense is
 zero-padded to `max_labels` and each row's logits are read up to its own adapter's label count.
+
+Token-level tasks have heads of their own (`task_heads`), run on every token: `classifier` for
+TOKEN_CLS and `qa_outputs` for QUESTION_ANS (start and end logits) in Hugging Face's
+...ForTokenClassification and ...ForQuestionAnswering; a family whose models differ (ModernBERT) says so
+with a `token_head(config, task)` of its own.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
+
+from loraplex.adapters.peft import QUESTION_ANS, SEQ_CLS, TOKEN_CLS
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,15 @@ class Norm:
 
 
 HeadStage = Dense | Act | Norm
+
+
+def task_heads(family, config) -> dict[str, tuple[HeadStage, ...]]:
+    """The head layout of every task with a head: SEQ_CLS on the pooled row, the others on every token."""
+    token_head = getattr(family, "token_head", None)
+    heads = {SEQ_CLS: family.head(config)}
+    for task, default in ((TOKEN_CLS, (Dense("classifier"),)), (QUESTION_ANS, (Dense("qa_outputs"),))):
+        heads[task] = token_head(config, task) if token_head else default
+    return heads
 
 
 def head_tensors(stages: tuple[HeadStage, ...], hidden: int) -> dict[str, tuple[int | None, ...]]:
@@ -77,8 +93,9 @@ class SlotHead(nn.Module):
             self.names[key] = buffer
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """`x [B, hidden]` pooled rows -> logits `[B, max_labels]`, zero past each adapter's labels."""
-        out = x.new_zeros(x.shape[0], self.max_labels)
+        """`x [B, hidden]` pooled rows (or `[B, T, hidden]` tokens) -> logits `[B, max_labels]` (or
+        `[B, T, max_labels]`), zero past each adapter's labels."""
+        out = x.new_zeros(*x.shape[:-1], self.max_labels)
         order = torch.argsort(idx)
         slots, counts = torch.unique_consecutive(idx[order], return_counts=True)
         start = 0

@@ -1,9 +1,12 @@
-"""A frozen encoder of any served family, with multi-LoRA slots on its linears and a stacked head per slot.
+"""A frozen encoder of any served family, with multi-LoRA slots on its linears and stacked heads per slot.
 
     model = MultiLoraModel(family, seq_cls_model, slots, r_max, max_labels, dtype)
-    logits = model(input_ids, attention_mask, idx, rank)   # [B, max_labels]
+    out = model(input_ids, attention_mask, idx, rank)   # {"SEQ_CLS": [B, max_labels]}
+    out = model(input_ids, attention_mask, idx, rank, token_type_ids, rows)   # rows: task -> positions
 
-The family module (`loraplex.models`) writes out the encoder; this module joins it to the heads.
+The family module (`loraplex.models`) writes out the encoder; this module joins it to the heads. One
+pass serves rows of every task: each task's rows read the shared encoder output, sequence tasks through
+the pooled row, token tasks through every token.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from loraplex.heads import SlotHead
+from loraplex.adapters.peft import FEATURE_EXTRACTION, SEQ_CLS
+from loraplex.heads import SlotHead, task_heads
 from loraplex.lora import SlotLinear
 
 
@@ -34,6 +38,14 @@ class MultiLoraModel(nn.Module):
         self.head_stages = family.head(config)
         self.encoder = family.Encoder(getattr(seq_cls_model, family.PREFIX), config, slots, r_max, dtype)
         self.head = SlotHead(self.head_stages, config.hidden_size, slots, max_labels, dtype)
+        # The token-level tasks' heads (TOKEN_CLS, QUESTION_ANS), run on every token of their rows.
+        self.token_stages = {t: s for t, s in task_heads(family, config).items() if t != SEQ_CLS}
+        self.token_heads = nn.ModuleDict(
+            {
+                task: SlotHead(stages, config.hidden_size, slots, max_labels, dtype)
+                for task, stages in self.token_stages.items()
+            }
+        )
         self.requires_grad_(False)
         self.eval()
 
@@ -42,9 +54,11 @@ class MultiLoraModel(nn.Module):
         """PEFT module path below the family's prefix -> (its SlotLinear, part)."""
         return self.encoder.targets
 
-    def pack(self) -> bool:
-        """Prepack every frozen linear for the CPU matmul; True if all of them were packed."""
-        return all([module.pack() for module in self.modules() if isinstance(module, SlotLinear)])
+    def pack(self, int8: bool = False) -> str:
+        """Prepack every frozen linear for the CPU matmul (in int8 if asked); returns the matmul kind
+        ("int8", "onednn" or "plain"), or the kinds joined by "+" where layers fell back differently."""
+        kinds = {module.pack(int8) for module in self.modules() if isinstance(module, SlotLinear)}
+        return "+".join(sorted(kinds))
 
     def forward(
         self,
@@ -52,9 +66,34 @@ class MultiLoraModel(nn.Module):
         attention_mask: torch.Tensor,  # [B, T] bool, True for real tokens
         idx: torch.Tensor,  # [B] int64, slot of each row
         rank: int,  # largest rank among the rows' slots
-    ) -> torch.Tensor:
-        """Logits `[B, max_labels]`; row i is meaningful up to its adapter's number of labels."""
-        return self.head(self.encode(input_ids, attention_mask, idx, rank), idx)
+        token_type_ids: torch.Tensor | None = None,  # [B, T] int64; None: all zero
+        rows: dict[str, torch.Tensor | None] | None = None,  # task -> its row positions [n]; None: all rows
+    ) -> dict[str, torch.Tensor]:
+        """Each task's output for its rows, in the order of `rows[task]`; `rows` None: every row SEQ_CLS.
+
+        SEQ_CLS logits `[n, max_labels]`; TOKEN_CLS and QUESTION_ANS logits `[n, T, max_labels]`;
+        FEATURE_EXTRACTION the hidden states `[n, T, hidden]`. A row's logits are meaningful up to its
+        adapter's number of labels.
+        """
+        hidden = self.encoder(input_ids, attention_mask, idx, rank, token_type_ids)  # [B, T, hidden]
+        out = {}
+        for task, positions in (rows or {SEQ_CLS: None}).items():
+            h, mask, i = (hidden, attention_mask, idx)
+            if positions is not None:
+                h, mask, i = hidden[positions], attention_mask[positions], idx[positions]
+            if task == SEQ_CLS:
+                out[task] = self.head(self.encoder.pool(h, mask, i, rank), i)
+            elif task == FEATURE_EXTRACTION:
+                out[task] = h
+            else:
+                out[task] = self.token_heads[task](h, i)
+        return out
+
+    def write_head(self, slot: int, task: str | None, tensors: dict[str, torch.Tensor] | None) -> None:
+        """Put an adapter's head in the head of its task and empty the others; `task` None empties all."""
+        self.head.write(slot, tensors if task == SEQ_CLS else None)
+        for name, head in self.token_heads.items():
+            head.write(slot, tensors if task == name else None)
 
     def encode(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, idx: torch.Tensor, rank: int

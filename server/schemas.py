@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
@@ -19,6 +19,13 @@ INPUTS_SCHEMA = {
     "anyOf": [TEXT_SCHEMA, {"type": "array", "items": TEXT_SCHEMA, "minItems": 1}],
     "description": "one text, or a list of 1..max_client_batch texts; no text is empty or contains NUL",
 }
+PAIR_SCHEMA = {"type": "array", "items": TEXT_SCHEMA, "minItems": 2, "maxItems": 2}
+PAIR_INPUTS_SCHEMA = {
+    "anyOf": [TEXT_SCHEMA, {"type": "array", "items": {"anyOf": [TEXT_SCHEMA, PAIR_SCHEMA]}, "minItems": 1}],
+    "description": "one text, or a list of 1..max_client_batch items, each a text or a pair "
+    "[text, text_pair]; no text is empty or contains NUL",
+}
+Direction = Literal["right", "left"]
 
 
 class ClassifyRequest(BaseModel):
@@ -28,38 +35,148 @@ class ClassifyRequest(BaseModel):
     adapter_id: Annotated[str, WithJsonSchema(ADAPTER_ID_SCHEMA)] = Field(
         max_length=64, description="the adapter (task) to classify with"
     )
-    inputs: Annotated[str | list[str], WithJsonSchema(INPUTS_SCHEMA)]
+    inputs: Annotated[Any, WithJsonSchema(PAIR_INPUTS_SCHEMA)]
     truncate: bool = Field(True, description="cut texts longer than the model maximum; false: 422 instead")
-    raw_scores: bool = Field(False, description="true: logits; false: softmax probabilities")
+    truncation_direction: Direction = Field("right", description="the side a long input is cut on")
+    raw_scores: bool = Field(False, description="true: logits; false: probabilities")
+    top_k: int | None = Field(None, ge=1, description="add `top`: the k best labels, best first")
+    threshold: float = Field(
+        0.5, ge=0, le=1, allow_inf_nan=False, description="multi-label adapters: `labels` scoring >= this"
+    )
 
     @field_validator("inputs", mode="before")
     @classmethod
     def _texts(cls, value: object) -> object:
-        texts = [value] if isinstance(value, str) else value
-        if not isinstance(texts, list):
-            raise ValueError(f"must be a string or a list of strings, not {_json_type(value)}")
-        if not texts:
-            raise ValueError("is an empty list; send at least one text")
-        for i, text in enumerate(texts):
-            where = "" if isinstance(value, str) else f"[{i}] "
-            if not isinstance(text, str):
-                raise ValueError(f"{where}must be a string, not {_json_type(text)}")
-            if not text:
-                raise ValueError(f"{where}is an empty string; send some text")
-            if "\x00" in text:
-                raise ValueError(f"{where}contains a NUL character")
-            if not text.isascii() and _SURROGATE.search(text):
-                raise ValueError(f"{where}contains a lone surrogate, which is not valid Unicode")
-        return value
+        return check_inputs(value, pairs=True)
+
+    def texts(self) -> list[str | tuple[str, str]]:
+        return texts_of(self.inputs)
+
+
+class TextsRequest(BaseModel):
+    """/embed and /tokens: an optional adapter and texts (no pairs)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    adapter_id: Annotated[str | None, WithJsonSchema(ADAPTER_ID_SCHEMA)] = Field(None, max_length=64)
+    inputs: Annotated[str | list[str], WithJsonSchema(INPUTS_SCHEMA)]
+    truncate: bool = Field(True, description="cut texts longer than the model maximum; false: 422 instead")
+    truncation_direction: Direction = Field("right", description="the side a long input is cut on")
+
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def _texts(cls, value: object) -> object:
+        return check_inputs(value, pairs=False)
 
     def texts(self) -> list[str]:
-        return [self.inputs] if isinstance(self.inputs, str) else self.inputs
+        return texts_of(self.inputs)
+
+
+class EmbedRequest(TextsRequest):
+    pooling: Literal["mean", "cls", "max"] | None = Field(
+        None, description="how token vectors become one; default: the base's sentence-transformers config"
+    )
+    normalize: bool | None = Field(
+        None, description="unit length; default: the base's sentence-transformers config"
+    )
+
+
+class TokensRequest(TextsRequest):
+    adapter_id: Annotated[str, WithJsonSchema(ADAPTER_ID_SCHEMA)] = Field(max_length=64)
+    aggregation: Literal["none", "simple", "first", "average", "max"] = Field(
+        "simple", description="how word pieces become entities, as the token-classification pipeline does"
+    )
+    ignore_labels: list[str] = Field(["O"], description="labels never reported as entities")
+
+
+class OpenAIEmbeddingsRequest(BaseModel):
+    """POST /v1/embeddings in OpenAI's shape; `model` is an adapter id or the served base model."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str = Field(max_length=256, description="an adapter id; the base model's name: no adapter")
+    input: Annotated[str | list[str], WithJsonSchema(INPUTS_SCHEMA)]
+    encoding_format: Literal["float"] = "float"
+    user: str | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _texts(cls, value: object) -> object:
+        return check_inputs(value, pairs=False)
+
+
+class RerankRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    adapter_id: Annotated[str, WithJsonSchema(ADAPTER_ID_SCHEMA)] = Field(max_length=64)
+    query: Annotated[str, WithJsonSchema(TEXT_SCHEMA)]
+    texts: Annotated[list[str], WithJsonSchema({"type": "array", "items": TEXT_SCHEMA, "minItems": 1})]
+    top_n: int | None = Field(None, ge=1, description="only the n best texts")
+    return_text: bool = Field(False, description="include each text in its result")
+    raw_scores: bool = Field(False, description="true: logits; false: the adapter's probabilities")
+    truncate: bool = True
+    truncation_direction: Direction = "right"
+
+    @field_validator("query", mode="before")
+    @classmethod
+    def _query(cls, value: object) -> object:
+        return check_inputs(value, pairs=False)
+
+    @field_validator("texts", mode="before")
+    @classmethod
+    def _texts(cls, value: object) -> object:
+        if isinstance(value, str):
+            raise ValueError("must be a list of strings, not a single string")
+        return check_inputs(value, pairs=False)
+
+
+def check_inputs(value: object, *, pairs: bool) -> object:
+    """Texts (and with `pairs`, [text, text_pair] items) that are non-empty, NUL-free valid Unicode."""
+    texts = [value] if isinstance(value, str) else value
+    if not isinstance(texts, list):
+        raise ValueError(f"must be a string or a list of strings, not {_json_type(value)}")
+    if not texts:
+        raise ValueError("is an empty list; send at least one text")
+    for i, item in enumerate(texts):
+        where = "" if isinstance(value, str) else f"[{i}] "
+        if pairs and isinstance(item, list):
+            if len(item) != 2:
+                raise ValueError(f"{where}is a list of {len(item)} items; a pair is [text, text_pair]")
+            for j, text in enumerate(item):
+                _check_text(text, f"{where.rstrip()}[{j}] " if where else f"[{j}] ")
+        else:
+            _check_text(item, where)
+    return value
+
+
+def _check_text(text: object, where: str) -> None:
+    if not isinstance(text, str):
+        raise ValueError(f"{where}must be a string, not {_json_type(text)}")
+    if not text:
+        raise ValueError(f"{where}is an empty string; send some text")
+    if "\x00" in text:
+        raise ValueError(f"{where}contains a NUL character")
+    if not text.isascii() and _SURROGATE.search(text):
+        raise ValueError(f"{where}contains a lone surrogate, which is not valid Unicode")
+
+
+def texts_of(inputs: str | list) -> list:
+    items = [inputs] if isinstance(inputs, str) else inputs
+    return [tuple(item) if isinstance(item, list) else item for item in items]
+
+
+class LabelScore(BaseModel):
+    label: str
+    score: float
 
 
 class ClassifyResult(BaseModel):
     label: str
     score: float
     scores: dict[str, float] = Field(description="every label of the adapter, in its label order")
+    truncated: bool = Field(description="whether the input was cut to the model's maximum length")
+    labels: list[str] | None = Field(None, description="multi-label adapters: labels scoring >= threshold")
+    top: list[LabelScore] | None = Field(None, description="with top_k: the k best labels, best first")
 
 
 class ClassifyResponse(BaseModel):

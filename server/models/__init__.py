@@ -7,12 +7,15 @@ op, slot tensors, stacked heads and length grouping are shared code):
     PREFIX           attribute of the encoder in the family's ...ForSequenceClassification model ("bert")
     DEFAULT_TARGETS  PEFT's default `target_modules` for it (used when a config names none, and by train)
     head(config)     the classification head after pooling, as `loraplex.heads` stages
+    token_head(config, task)  optional: the TOKEN_CLS / QUESTION_ANS head on every token, where it is
+                     not Hugging Face's usual single `classifier` / `qa_outputs` linear
     max_length(config)  the longest input its positions allow, special tokens included
     Encoder          an nn.Module built from the Hugging Face encoder, frozen, with a `SlotLinear` in
                      place of every LoRA-capable linear layer:
         Encoder(encoder, config, slots, r_max, dtype)
         .targets: dict[str, tuple[SlotLinear, int]]   PEFT module path below PREFIX -> (linear, part)
-        .forward(input_ids [B, T], attention_mask [B, T] bool, idx [B], rank) -> hidden [B, T, H]
+        .forward(input_ids [B, T], attention_mask [B, T] bool, idx [B], rank, token_type_ids [B, T] or
+                 None) -> hidden [B, T, H]; families without token types ignore token_type_ids
         .pool(hidden [B, T, H], attention_mask, idx, rank) -> [B, H], what the head reads
 """
 

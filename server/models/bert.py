@@ -73,9 +73,15 @@ class Encoder(nn.Module):
             self.targets.update(layer.targets(f"encoder.layer.{i}"))
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, idx: torch.Tensor, rank: int
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        idx: torch.Tensor,
+        rank: int,
+        token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = self.embeddings(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids))
+        types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids  # [B, T]
+        x = self.embeddings(input_ids=input_ids, token_type_ids=types)
         mask = attention_mask[:, None, None, :]  # [B, 1, 1, T]
         for layer in self.layers:
             x = layer(x, mask, idx, rank)

@@ -209,14 +209,22 @@ class Encoder(nn.Module):
         for i, layer in enumerate(self.layers):
             self.targets.update(layer.targets(f"encoder.layer.{i}"))
 
-    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, idx: torch.Tensor, rank: int):
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        idx: torch.Tensor,
+        rank: int,
+        token_type_ids: torch.Tensor | None = None,
+    ):
         """DebertaV2Embeddings, with `embed_proj` LoRA-capable: `[B, T]` -> `[B, T, H]`."""
         x = self.word_embeddings(input_ids)  # [B, T, E]
         if self.position_embeddings is not None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)
             x = x + self.position_embeddings(positions)[None]
-        if self.token_type_embeddings is not None:  # single texts: token type 0 throughout
-            x = x + self.token_type_embeddings(torch.zeros_like(input_ids))
+        if self.token_type_embeddings is not None:  # no token types: type 0 throughout
+            types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids  # [B, T]
+            x = x + self.token_type_embeddings(types)
         if self.embed_proj is not None:
             x = self.embed_proj(x, idx, rank)  # [B, T, H]
         x = self.embed_norm(x)
@@ -243,9 +251,14 @@ class Encoder(nn.Module):
         return Positions(rel, c2p, p2c, idx)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, idx: torch.Tensor, rank: int
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        idx: torch.Tensor,
+        rank: int,
+        token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        embedded = self.embed(input_ids, attention_mask, idx, rank)  # [B, T, H]
+        embedded = self.embed(input_ids, attention_mask, idx, rank, token_type_ids)  # [B, T, H]
         pos = self.positions(input_ids.shape[1], idx) if self.relative else None
         mask = attention_mask[:, None, None, :]  # [B, 1, 1, T]: keys; a padded query row is never read
         x = embedded

@@ -84,7 +84,12 @@ class Encoder(nn.Module):
             self.targets.update(layer.targets(f"transformer.layer.{i}"))
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, idx: torch.Tensor, rank: int
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        idx: torch.Tensor,
+        rank: int,
+        token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x = self.embeddings(input_ids=input_ids)  # [B, T, hidden]
         mask = attention_mask[:, None, None, :]  # [B, 1, 1, T]: padding keys get no attention

@@ -88,10 +88,16 @@ class Encoder(nn.Module):
             self.targets.update(layer.targets(f"encoder.layer.{i}"))
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, idx: torch.Tensor, rank: int
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        idx: torch.Tensor,
+        rank: int,
+        token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        # [B, T, embedding_size]; single texts: token types all zero, as HF's default buffer gives
-        x = self.embeddings(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids))
+        # [B, T, embedding_size]; no token types: all zero, as HF's default buffer gives
+        types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids  # [B, T]
+        x = self.embeddings(input_ids=input_ids, token_type_ids=types)
         if self.project is not None:
             x = self.project(x, idx, rank)  # [B, T, hidden]
         mask = attention_mask[:, None, None, :]  # [B, 1, 1, T]

@@ -40,6 +40,11 @@ def head(config) -> tuple:
     )
 
 
+def token_head(config, task: str) -> tuple:
+    # ModernBertForTokenClassification and ...ForQuestionAnswering run the same head on every token.
+    return head(config)
+
+
 def max_length(config) -> int:
     # Rotary positions have no table, but the model is only trained (and its RoPE sized) up to this.
     return config.max_position_embeddings
@@ -109,7 +114,12 @@ class Encoder(nn.Module):
             self.targets.update(layer.targets(f"layers.{i}"))
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, idx: torch.Tensor, rank: int
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        idx: torch.Tensor,
+        rank: int,
+        token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         tokens = input_ids.shape[1]
         x = self.embeddings(input_ids=input_ids)  # [B, T, hidden]

@@ -89,10 +89,16 @@ class Encoder(nn.Module):
             self.targets.update(layer.targets(f"encoder.layer.{i}"))
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, idx: torch.Tensor, rank: int
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        idx: torch.Tensor,
+        rank: int,
+        token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         # Positions are the running count of non-pad ids plus pad_token_id, as in Hugging Face. The engine
         # pads on the right, so padding never moves a real token's position.
+        # One token type (type_vocab_size 1): pairs are told apart by their separators alone.
         x = self.embeddings(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids))  # [B, T, H]
         mask = attention_mask[:, None, None, :]  # [B, 1, 1, T]
         for layer in self.layers:

@@ -1,0 +1,120 @@
+"""What each task's rows become in an answer: label scores and embeddings, and which route serves a task.
+
+The engine returns per row what its adapter's task computes (`loraplex.engine.Engine.classify`); this
+module turns those tensors into response fields. Entity aggregation is in `loraplex.entities`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from loraplex.adapters.errors import InvalidAdapterError, InvalidInputError
+from loraplex.adapters.peft import FEATURE_EXTRACTION, QUESTION_ANS, SEQ_CLS, TOKEN_CLS
+
+ROUTES = {SEQ_CLS: "/classify", TOKEN_CLS: "/tokens", QUESTION_ANS: "/answer", FEATURE_EXTRACTION: "/embed"}
+_WHAT = {
+    SEQ_CLS: "sequence classification",
+    TOKEN_CLS: "token classification",
+    QUESTION_ANS: "extractive question answering",
+    FEATURE_EXTRACTION: "embedding",
+}
+POOLINGS = ("mean", "cls", "max")
+
+
+def require_task(handle, task: str, route: str) -> None:
+    """422 naming the adapter's task and the route that serves it, unless the adapter is of `task`."""
+    own = handle.weights.task
+    if own != task:
+        raise InvalidInputError(
+            f"Adapter {handle.adapter_id!r} is a {own} ({_WHAT[own]}) adapter, not {task}; send its "
+            f"requests to POST {ROUTES[own]} instead of {route}."
+        )
+
+
+def check_finite(values: torch.Tensor, handle) -> None:
+    if not torch.isfinite(values).all():
+        # Finite weights can still overflow float32; the adapter, not the request, has to change.
+        raise InvalidAdapterError(
+            f"Adapter {handle.adapter_id!r} (version {handle.version}) gives non-finite scores for these "
+            "inputs: its weights overflow float32. Upload a corrected adapter."
+        )
+
+
+def label_scores(logits: torch.Tensor, problem_type: str, raw: bool) -> torch.Tensor:
+    """`logits [..., labels]` as the adapter's problem type reads them: softmax over the labels
+    (single-label), a sigmoid per label (multi-label), or the logits themselves (regression, or `raw`)."""
+    if raw or problem_type == "regression":
+        return logits
+    if problem_type == "multi_label_classification":
+        return torch.sigmoid(logits)
+    return torch.softmax(logits, dim=-1)
+
+
+def classification(
+    logits: torch.Tensor,  # [inputs, labels]
+    handle,
+    *,
+    raw_scores: bool = False,
+    top_k: int | None = None,
+    threshold: float = 0.5,
+) -> list[dict]:
+    """One /classify result per row: arg-max `label`/`score`, every label's `scores`; multi-label rows
+    also list the `labels` whose score is at least `threshold`; `top_k` adds the k best, best first."""
+    check_finite(logits, handle)
+    problem = handle.weights.problem_type
+    values = label_scores(logits, problem, raw_scores)
+    labels = handle.labels
+    results = []
+    for row in values.tolist():
+        best = max(range(len(row)), key=row.__getitem__)
+        result = {"label": labels[best], "score": row[best], "scores": dict(zip(labels, row, strict=True))}
+        if problem == "multi_label_classification":
+            probabilities = torch.sigmoid(torch.tensor(row)).tolist() if raw_scores else row
+            result["labels"] = [name for name, p in zip(labels, probabilities, strict=True) if p >= threshold]
+        if top_k is not None:
+            ranked = sorted(range(len(row)), key=lambda j: -row[j])[:top_k]
+            result["top"] = [{"label": labels[j], "score": row[j]} for j in ranked]
+        results.append(result)
+    return results
+
+
+def check_top_k(top_k: int | None, handle) -> None:
+    count = len(handle.labels)
+    if top_k is not None and top_k > count:
+        raise InvalidInputError(
+            f"top_k is {top_k}, but adapter {handle.adapter_id!r} has {count} labels; send 1..{count}."
+        )
+
+
+def pool(hidden: torch.Tensor, pooling: str, normalize: bool) -> torch.Tensor:
+    """`hidden [tokens, H]` of one row's real tokens -> `[H]`: their mean, the first token's, or the
+    maximum per feature (sentence-transformers' pooling modes); `normalize`: to unit length."""
+    if pooling == "cls":
+        vector = hidden[0]
+    elif pooling == "max":
+        vector = hidden.max(dim=0).values
+    else:
+        vector = hidden.mean(dim=0)
+    return F.normalize(vector, dim=-1) if normalize else vector
+
+
+def sentence_pooling(model_dir: str) -> tuple[str, bool]:
+    """The pooling mode and normalisation that a sentence-transformers checkpoint declares
+    (`modules.json`, its Pooling module's config, a Normalize module); ("mean", False) without them."""
+    root = Path(model_dir)
+    try:
+        modules = json.loads((root / "modules.json").read_text())
+        pooling = next(m for m in modules if m.get("type", "").endswith(".Pooling"))
+        config = json.loads((root / pooling.get("path", "") / "config.json").read_text())
+    except (OSError, ValueError, StopIteration, AttributeError, TypeError):
+        return "mean", False
+    mode = next((name for name in POOLINGS if config.get(f"pooling_mode_{_MODE_KEYS[name]}")), "mean")
+    normalize = any(m.get("type", "").endswith(".Normalize") for m in modules)
+    return mode, normalize
+
+
+_MODE_KEYS = {"mean": "mean_tokens", "cls": "cls_token", "max": "max_tokens"}
