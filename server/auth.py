@@ -1,6 +1,8 @@
 """Bearer-token auth: `api_key` guards inference and reads, `admin_token` guards adapter writes.
 
-Tokens are compared in constant time and never logged; an unset token leaves its routes open.
+Tokens are compared in constant time and never logged; an unset API key leaves its routes open. An unset
+admin token leaves adapter writes open only on a loopback host, or with --allow-unauthenticated-writes:
+on any other interface they get 401 with a sentence on how to enable them.
 """
 
 from __future__ import annotations
@@ -48,8 +50,15 @@ def require_api_key(request: Request) -> None:
 
 
 def require_admin(request: Request) -> None:
-    """Adapter writes (PUT, DELETE): the admin token, when one is set."""
+    """Adapter writes (PUT, DELETE): the admin token; without one, only on loopback or when allowed."""
     settings = request.app.state.settings
+    if settings.admin_token is None and not (settings.loopback_only or settings.allow_unauthenticated_writes):
+        raise UnauthorizedError(
+            f"Adapter writes are off: this server listens on {settings.host} and has no admin token. "
+            "Set LORAPLEX_ADMIN_TOKEN (or LORAPLEX_ADMIN_TOKEN_FILE) and send it as "
+            "'Authorization: Bearer <token>', or start the server with --allow-unauthenticated-writes "
+            "to let anyone who can reach it change adapters."
+        )
     _check(request, (settings.admin_token,), "changing adapters")
 
 

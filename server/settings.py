@@ -7,6 +7,7 @@ Precedence: command-line flag, then environment variable, then default. Every fi
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import re
 import socket
 from argparse import SUPPRESS
@@ -20,6 +21,7 @@ ENV_PREFIX = "LORAPLEX_"
 _DEVICE_RE = re.compile(r"^(cpu|cuda(:[0-9]+)?)$")
 _PRELOAD_RE = re.compile(r"^([^=]+)=(.+)$")
 _SECRETS = ("api_key", "admin_token")
+_LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
 
 
 class Settings(BaseSettings):
@@ -29,7 +31,9 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on")
     model: str | None = Field(None, description="base model directory (unset: the embedded all-MiniLM-L6-v2)")
     device: str | None = Field(None, description="cpu, cuda or cuda:N (unset: cuda when available)")
-    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="engine precision")
+    dtype: Literal["float32", "float16", "bfloat16", "int8"] = Field(
+        "float32", description="engine precision: float32; bfloat16 or int8 on cpu; float16, bfloat16 on cuda"
+    )
     adapter_store: str = Field(
         "./adapter-store", description="shared adapter store: a directory or s3://bucket/prefix"
     )
@@ -57,6 +61,17 @@ class Settings(BaseSettings):
     )
     api_key: SecretStr | None = Field(None, description="bearer token for /classify and GET /adapters")
     admin_token: SecretStr | None = Field(None, description="bearer token for PUT and DELETE /adapters")
+    api_key_file: Path | None = Field(
+        None, description="file holding the API key, read when api_key is unset (absent: none)"
+    )
+    admin_token_file: Path | None = Field(
+        None,
+        description="file holding the admin token, read at start when admin_token is unset (absent: none)",
+    )
+    allow_unauthenticated_writes: bool = Field(
+        False,
+        description="accept adapter writes without an admin token on a non-loopback host (anyone can write)",
+    )
     preload: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="ID=DIR: import the PEFT adapter in DIR as ID at start (repeatable; env: comma list)",
@@ -84,6 +99,36 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_token_is_unset(cls, value: object) -> object:
         return None if value == "" else value
+
+    @field_validator("api_key_file", "admin_token_file", mode="before")
+    @classmethod
+    def _empty_path_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _tokens_from_files(self) -> Settings:
+        for name in _SECRETS:
+            path = getattr(self, f"{name}_file")
+            if getattr(self, name) is not None or path is None or not path.exists():
+                continue  # a mounted secret that is absent leaves the token unset (writes: see auth)
+            try:
+                token = path.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ValueError(f"{name}_file {path} cannot be read ({type(exc).__name__})") from None
+            if not token:
+                raise ValueError(f"{name}_file {path} is empty; put the token in it or unset {name}_file")
+            object.__setattr__(self, name, SecretStr(token))  # frozen model: set once, while validating
+        return self
+
+    @property
+    def loopback_only(self) -> bool:
+        """Whether `host` is a loopback address: only this machine can reach the server."""
+        if self.host.lower() in _LOOPBACK_NAMES:
+            return True
+        try:
+            return ipaddress.ip_address(self.host.strip("[]")).is_loopback
+        except ValueError:
+            return False
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -153,6 +198,8 @@ def build_parser(prog: str = "loraplex serve") -> argparse.ArgumentParser:
         help_text = f"{field.description} (env {ENV_PREFIX}{name.upper()}; default: {shown})"
         if name == "preload":
             parser.add_argument(option_flag(name), action="append", metavar="ID=DIR", help=help_text)
+        elif field.annotation is bool:
+            parser.add_argument(option_flag(name), action="store_const", const=True, help=help_text)
         else:
             parser.add_argument(option_flag(name), metavar=name.upper(), help=help_text)
     return parser

@@ -357,12 +357,22 @@ def test_k8s_pod_security_resources_and_store(k8s):
     assert find(k8s, "PersistentVolumeClaim", claim)["spec"]["accessModes"] == ["ReadWriteMany"]
     if container["securityContext"].get("readOnlyRootFilesystem"):
         assert "emptyDir" in volumes[next(n for n, p in mounts.items() if p == "/tmp")]
-    # Tokens come from a Secret with exactly the variables the server reads.
+    # Tokens are files from a Secret, at the paths the server is told to read; never environment variables.
     sources = container["envFrom"]
-    secret_name = next(s["secretRef"]["name"] for s in sources if "secretRef" in s)
-    secret = find(k8s, "Secret", secret_name)
+    assert not any("secretRef" in s for s in sources)
+    tokens = next(v for v in pod["volumes"] if "secret" in v)
+    secret = find(k8s, "Secret", tokens["secret"]["secretName"])
     keys = set(secret.get("stringData", {})) | set(secret.get("data", {}))
-    assert keys == {"LORAPLEX_ADMIN_TOKEN", "LORAPLEX_API_KEY"}
+    files = {item["key"]: f"{mounts[tokens['name']]}/{item['path']}" for item in tokens["secret"]["items"]}
+    assert set(files) == keys == {"LORAPLEX_ADMIN_TOKEN", "LORAPLEX_API_KEY"}
+    container_env = {e["name"]: e["value"] for e in container["env"]}
+    assert container_env["LORAPLEX_ADMIN_TOKEN_FILE"] == files["LORAPLEX_ADMIN_TOKEN"]
+    assert container_env["LORAPLEX_API_KEY_FILE"] == files["LORAPLEX_API_KEY"]
+    # The image looks at the same paths, so a Secret mounted there needs no variables at all.
+    image_env = " ".join(rest for k, rest in dockerfile_stages()["runtime"] if k == "ENV")
+    for name, path in container_env.items():
+        if name.endswith("_FILE"):
+            assert f"{name}={path}" in image_env
     assert any(s.get("configMapRef", {}).get("name", "").startswith("loraplex-config") for s in sources)
 
 

@@ -39,6 +39,9 @@ VALUES = {
     "drain_grace_s": ("3", 3.0),
     "api_key": ("k1", "k1"),
     "admin_token": ("t1", "t1"),
+    "api_key_file": ("/run/secrets/absent/api-key", Path("/run/secrets/absent/api-key")),
+    "admin_token_file": ("/run/secrets/absent/admin-token", Path("/run/secrets/absent/admin-token")),
+    "allow_unauthenticated_writes": ("true", True),  # a flag without a value on the command line
     "preload": ("a=/tmp", ["a=/tmp"]),
     "metrics_max_adapters": ("5", 5),
     "log_level": ("WARNING", "warning"),
@@ -65,7 +68,8 @@ def test_every_setting_has_a_test_value():
 @pytest.mark.parametrize("name", sorted(VALUES))
 def test_every_setting_is_a_flag_and_an_env_variable(clean_env, name):
     raw, parsed = VALUES[name]
-    assert value_of(load_settings([option_flag(name), raw]), name) == parsed
+    flag = [option_flag(name)] if isinstance(parsed, bool) else [option_flag(name), raw]
+    assert value_of(load_settings(flag), name) == parsed
     clean_env.setenv(ENV_PREFIX + name.upper(), raw)
     assert value_of(load_settings([]), name) == parsed
 
@@ -125,6 +129,21 @@ def test_host_cache_smaller_than_the_slots_is_refused(clean_env):
     assert "max_host_cache (31) is smaller than max_resident (32)" in message
     assert "raise --max-host-cache or lower --max-resident" in message
     assert load_settings(["--max-resident", "32", "--max-host-cache", "32"]).max_host_cache == 32
+
+
+def test_tokens_can_come_from_files_and_an_explicit_token_wins(clean_env, tmp_path):
+    (tmp_path / "admin").write_text("from-a-file\n")
+    (tmp_path / "empty").write_text(" \n")
+    settings = load_settings(["--admin-token-file", str(tmp_path / "admin")])
+    assert settings.admin_token.get_secret_value() == "from-a-file" and settings.api_key is None
+    clean_env.setenv("LORAPLEX_ADMIN_TOKEN", "explicit")
+    assert load_settings(["--admin-token-file", str(tmp_path / "admin")]).admin_token.get_secret_value() == (
+        "explicit"
+    )
+    clean_env.delenv("LORAPLEX_ADMIN_TOKEN")
+    assert load_settings(["--api-key-file", str(tmp_path / "absent")]).api_key is None  # no secret mounted
+    with pytest.raises(SettingsError, match="is empty; put the token in it"):
+        load_settings(["--api-key-file", str(tmp_path / "empty")])
 
 
 def test_secrets_are_not_echoed_in_errors(clean_env, capsys):
