@@ -24,7 +24,7 @@ from loraplex.errors import install_error_handlers
 from loraplex.metrics import Metrics
 from loraplex.middleware import ServingMiddleware
 from loraplex.openapi import install_openapi
-from loraplex.routes import adapters, classify, docs, health
+from loraplex.routes import adapters, classify, docs, embed, health, rerank
 from loraplex.settings import Settings
 
 log = logging.getLogger("loraplex.app")
@@ -51,6 +51,8 @@ def create_app(settings: Settings, *, engine_factory: Callable[..., Engine] = En
     app.add_middleware(ServingMiddleware)
     app.include_router(health.router)
     app.include_router(classify.router)
+    app.include_router(embed.router)
+    app.include_router(rerank.router)
     app.include_router(adapters.router)
     app.include_router(docs.router)
     install_openapi(app, max_client_batch=settings.max_client_batch)

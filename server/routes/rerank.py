@@ -1,0 +1,55 @@
+"""POST /rerank: a query against texts through a cross-encoder (a one-label SEQ_CLS adapter over pairs)."""
+
+from __future__ import annotations
+
+import torch
+from fastapi import APIRouter, Request, Response
+
+from loraplex.adapters.errors import InvalidInputError
+from loraplex.adapters.peft import SEQ_CLS
+from loraplex.auth import ApiKeyAuth
+from loraplex.inputs import encode
+from loraplex.routes.inference import body_schema, check_batch, infer, parse_body, respond
+from loraplex.schemas import ERROR_RESPONSES, RerankRequest
+from loraplex.tasks import check_finite, require_task
+
+router = APIRouter(tags=["inference"])
+
+
+@router.post("/rerank", responses=ERROR_RESPONSES, openapi_extra=body_schema(RerankRequest))
+async def rerank(request: Request, _auth: ApiKeyAuth) -> Response:
+    """The texts by relevance to the query, best first: sigmoid of the cross-encoder's logit."""
+    body = parse_body(await request.body(), request.headers.get("content-type"), RerankRequest)
+    check_batch(request, len(body.texts), body.adapter_id)
+    engine = request.app.state.engine
+
+    def tokenize(handle):
+        require_task(handle, SEQ_CLS, "/rerank")
+        if len(handle.labels) != 1:
+            raise InvalidInputError(
+                f"Adapter {handle.adapter_id!r} has {len(handle.labels)} labels; /rerank needs a "
+                "cross-encoder with one output (its relevance logit). Send its requests to POST /classify."
+            )
+        pairs = [(body.query, text) for text in body.texts]
+        return encode(
+            engine.tokenizer,
+            engine.base.max_length,
+            pairs,
+            truncate=body.truncate,
+            direction=body.truncation_direction,
+        )
+
+    run = await infer(request, body.adapter_id, tokenize)
+    if run.early is not None:
+        return run.early
+    logits = torch.stack(run.job.logits)[:, 0]  # [texts]
+    check_finite(logits, run.handle)
+    values = (logits if body.raw_scores else torch.sigmoid(logits)).tolist()
+    order = sorted(range(len(values)), key=lambda i: -values[i])[: body.top_n]
+    results = []
+    for i in order:
+        result = {"index": i, "score": values[i], "truncated": run.rows[i].truncated}
+        if body.return_text:
+            result["text"] = body.texts[i]
+        results.append(result)
+    return respond(request, run, {"results": results}, len(body.texts))
