@@ -3,6 +3,7 @@ of different tasks in one forward pass; the wrong kind of adapter for a route.""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
@@ -164,3 +165,33 @@ def test_tasks_share_one_forward_pass(adapters):
         alone = engine.classify([rows[r]], [s])[0]
         assert got.shape == alone.shape
         assert (got - alone).abs().max() <= 1e-5, (r, s)
+
+
+def test_client_methods(srv):
+    from loraplex.client import AsyncClient, Client, ValidationError
+
+    with Client(srv.url) as client:
+        embedded = client.embed(TEXTS, "emb")
+        direct = vectors(post(srv, "/embed", {"adapter_id": "emb", "inputs": TEXTS}).json())
+        torch.testing.assert_close(torch.tensor(embedded.vectors), direct, atol=1e-6, rtol=0)
+        assert client.embed("hi").adapter_id is None
+        ranking = client.rerank("cross", QUERY, TEXTS, top_n=2, return_text=True)
+        want = post(srv, "/rerank", {"adapter_id": "cross", "query": QUERY, "texts": TEXTS}).json()["results"]
+        best = [(w["index"], TEXTS[w["index"]]) for w in want[:2]]
+        assert [(r.index, r.text) for r in ranking.results] == best
+        pair = client.classify("sent", [[QUERY, TEXTS[0]]], top_k=1)
+        assert pair.raw["results"][0]["top"][0]["label"] == pair.results[0].label
+        try:
+            client.embed("hi", "sent")
+        except ValidationError as exc:
+            assert "POST /classify" in exc.message
+        else:
+            raise AssertionError("an embedding request to a classifier must fail")
+
+    async def run():
+        async with AsyncClient(srv.url) as client:
+            return await client.embed(TEXTS, "emb"), await client.rerank("cross", QUERY, TEXTS)
+
+    embedded_async, ranking_async = asyncio.run(run())
+    torch.testing.assert_close(torch.tensor(embedded_async.vectors), direct, atol=1e-6, rtol=0)
+    assert [r.index for r in ranking_async.results] == [w["index"] for w in want]

@@ -172,6 +172,39 @@ class Classification:
 
 
 @dataclass(frozen=True)
+class Embeddings:
+    adapter_id: str | None  # None: the base model
+    adapter_version: str
+    vectors: list[list[float]]  # one per input, in input order
+    raw: dict = field(repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, body: dict) -> Embeddings:
+        vectors = [r["embedding"] for r in body["results"]]
+        return cls(body["adapter_id"], body["adapter_version"], vectors, body)
+
+
+@dataclass(frozen=True)
+class Ranked:
+    index: int  # position of the text in the request
+    score: float
+    text: str | None = None
+
+
+@dataclass(frozen=True)
+class Ranking:
+    adapter_id: str
+    adapter_version: str
+    results: list[Ranked]  # best first
+    raw: dict = field(repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, body: dict) -> Ranking:
+        results = [Ranked(r["index"], r["score"], r.get("text")) for r in body["results"]]
+        return cls(body["adapter_id"], body["adapter_version"], results, body)
+
+
+@dataclass(frozen=True)
 class AdapterInfo:
     adapter_id: str
     version: str
@@ -228,10 +261,24 @@ def _adapter_path(adapter_id: str) -> str:
     return "/adapters/" + quote(adapter_id, safe="")
 
 
-def _classify_call(adapter_id: str, inputs: str | list[str], truncate: bool, raw_scores: bool) -> _Call:
+def _classify_call(adapter_id: str, inputs: str | list, truncate: bool, raw_scores: bool, **options) -> _Call:
     body = {"adapter_id": adapter_id, "inputs": inputs, "truncate": truncate, "raw_scores": raw_scores}
+    body |= {name: value for name, value in options.items() if value is not None}
     return _Call("POST", "/classify", lambda r: Classification.from_json(r.json()), adapter_id=adapter_id,
                  json=body)  # fmt: skip
+
+
+def _embed_call(inputs: str | list[str], adapter_id: str | None, **options) -> _Call:
+    body = {"inputs": inputs, **{name: value for name, value in options.items() if value is not None}}
+    if adapter_id is not None:
+        body["adapter_id"] = adapter_id
+    return _Call("POST", "/embed", lambda r: Embeddings.from_json(r.json()), adapter_id=adapter_id, json=body)
+
+
+def _rerank_call(adapter_id: str, query: str, texts: list[str], **options) -> _Call:
+    body = {"adapter_id": adapter_id, "query": query, "texts": texts}
+    body |= {name: value for name, value in options.items() if value is not None}
+    return _Call("POST", "/rerank", lambda r: Ranking.from_json(r.json()), adapter_id=adapter_id, json=body)
 
 
 def _upload_call(adapter_id: str, config: bytes, weights: bytes, labels: str | list[str] | None) -> _Call:
@@ -357,10 +404,27 @@ class Client(_Base):
         return self._answer(call, response)
 
     def classify(
-        self, adapter_id: str, inputs: str | list[str], *, truncate: bool = True, raw_scores: bool = False
-    ) -> Classification:
-        """Classify one text or a list of texts with one adapter; results come back in input order."""
-        return self._send(_classify_call(adapter_id, inputs, truncate, raw_scores))
+        self, adapter_id: str, inputs: str | list, *, truncate: bool = True, raw_scores: bool = False,
+        top_k: int | None = None, threshold: float | None = None, truncation_direction: str | None = None,
+    ) -> Classification:  # fmt: skip
+        """Classify one text, a [text, text_pair] pair, or a list of them with one adapter; results come
+        back in input order (`.raw` holds the fields of multi-label adapters and top_k)."""
+        options = dict(top_k=top_k, threshold=threshold, truncation_direction=truncation_direction)
+        return self._send(_classify_call(adapter_id, inputs, truncate, raw_scores, **options))
+
+    def embed(
+        self, inputs: str | list[str], adapter_id: str | None = None, *, pooling: str | None = None,
+        normalize: bool | None = None,
+    ) -> Embeddings:  # fmt: skip
+        """One vector per text from a FEATURE_EXTRACTION adapter, or from the base model (no adapter_id)."""
+        return self._send(_embed_call(inputs, adapter_id, pooling=pooling, normalize=normalize))
+
+    def rerank(
+        self, adapter_id: str, query: str, texts: list[str], *, top_n: int | None = None,
+        return_text: bool = False,
+    ) -> Ranking:  # fmt: skip
+        """The texts by relevance to `query` under a cross-encoder adapter, best first."""
+        return self._send(_rerank_call(adapter_id, query, texts, top_n=top_n, return_text=return_text))
 
     def upload(self, adapter_id: str, source: str | os.PathLike[str] | Any, *, labels: list[str] | None = None
                ) -> AdapterInfo:  # fmt: skip
@@ -417,9 +481,23 @@ class AsyncClient(_Base):
         return self._answer(call, response)
 
     async def classify(
-        self, adapter_id: str, inputs: str | list[str], *, truncate: bool = True, raw_scores: bool = False
-    ) -> Classification:
-        return await self._send(_classify_call(adapter_id, inputs, truncate, raw_scores))
+        self, adapter_id: str, inputs: str | list, *, truncate: bool = True, raw_scores: bool = False,
+        top_k: int | None = None, threshold: float | None = None, truncation_direction: str | None = None,
+    ) -> Classification:  # fmt: skip
+        options = dict(top_k=top_k, threshold=threshold, truncation_direction=truncation_direction)
+        return await self._send(_classify_call(adapter_id, inputs, truncate, raw_scores, **options))
+
+    async def embed(
+        self, inputs: str | list[str], adapter_id: str | None = None, *, pooling: str | None = None,
+        normalize: bool | None = None,
+    ) -> Embeddings:  # fmt: skip
+        return await self._send(_embed_call(inputs, adapter_id, pooling=pooling, normalize=normalize))
+
+    async def rerank(
+        self, adapter_id: str, query: str, texts: list[str], *, top_n: int | None = None,
+        return_text: bool = False,
+    ) -> Ranking:  # fmt: skip
+        return await self._send(_rerank_call(adapter_id, query, texts, top_n=top_n, return_text=return_text))
 
     async def upload(self, adapter_id: str, source: str | os.PathLike[str] | Any, *,
                      labels: list[str] | None = None) -> AdapterInfo:  # fmt: skip
