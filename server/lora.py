@@ -5,14 +5,17 @@ when a slot is written, and zero padding up to the rank of the batch is exact, s
 a scale nor a loop over adapters. Layers that read the same input (query, key, value) are `parts` of
 one op: one shrink matmul of width parts * rank and one expand whose `lora_B` is block diagonal.
 
-On the CPU the frozen matmul is oneDNN's over a weight prepacked once (`pack_weight`), and the expand
-adds the delta in place into its output. Elsewhere bias + delta seeds the accumulator of `addmm`, so
-the wide output is written once.
+On the CPU the frozen matmul runs over a weight prepacked once (`pack_weight`): oneDNN's in float32 or
+bfloat16, or a dynamic int8 matmul (weights int8 per output channel, activations quantized per call);
+the expand adds the delta, in the activations' precision, in place into its output. Elsewhere bias +
+delta seeds the accumulator of `addmm`, so the wide output is written once.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -44,17 +47,19 @@ class SlotLinear(nn.Module):
         self.register_buffer("lora_A", torch.zeros(slots, self.parts, r_max, self.in_features, dtype=dtype))
         self.register_buffer("lora_B", torch.zeros(slots, weight.shape[0], self.parts, r_max, dtype=dtype))
 
-        self.packed: torch.Tensor | None = None  # the weight prepacked for the CPU matmul (`pack`)
+        self.packed: PackedLinear | None = None  # the frozen matmul over a prepacked weight (`pack`)
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, rank: int) -> torch.Tensor:
         return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, idx, rank, self.packed)
 
-    def pack(self) -> bool:
-        """Prepack the frozen weight for the CPU matmul (on the final device); drops the plain copy."""
-        self.packed = pack_weight(self.weight, self.bias)
-        if self.packed is not None:
-            self.weight = None
-        return self.packed is not None
+    def pack(self, int8: bool = False) -> str:
+        """Prepack the frozen weight for the CPU matmul (on the final device), in int8 if asked and it
+        passes its check; drops the plain copy. Returns the matmul's kind, "plain" where none was packed."""
+        self.packed = pack_weight(self.weight, self.bias, int8=int8)
+        if self.packed is None:
+            return "plain"
+        self.weight = None
+        return self.packed.kind
 
     def write(self, slot: int, part: int, lora_A: torch.Tensor | None, lora_B: torch.Tensor | None) -> None:
         """Put one part's `lora_A [r, in]` and scaled `lora_B [out, r]` in `slot`; None clears the part."""
@@ -75,7 +80,7 @@ def lora_linear(
     lora_B: torch.Tensor,  # [slots, out, parts, r_max], scaling folded in; part p feeds only its outputs
     idx: torch.Tensor,  # [B] int64, slot of each row
     rank: int,  # largest rank among the slots in idx; 0: no row has a delta
-    packed: torch.Tensor | None = None,  # `weight` prepacked by `pack_weight`
+    packed: PackedLinear | None = None,  # the frozen matmul over `weight` prepacked by `pack_weight`
 ) -> torch.Tensor:
     """Returns `y: [B, T, out]` with, for every row i and slot s = idx[i],
 
@@ -99,31 +104,121 @@ def lora_linear(
 
 
 def frozen_linear(
-    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, packed: torch.Tensor | None
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, packed: PackedLinear | None
 ) -> torch.Tensor:
-    """`x [N, in] @ weight.T + bias`, by oneDNN over the prepacked weight when there is one."""
+    """`x [N, in] @ weight.T + bias`, by the prepacked matmul when there is one."""
     if packed is not None:
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        return packed(x)
     return F.linear(x, weight, bias)
 
 
-def pack_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """`weight` reordered for oneDNN's CPU matmul, or None where that matmul is not available.
+class PackedLinear(Protocol):
+    """`x [N, in] -> x @ W.T + b [N, out]` over a weight in a CPU backend's own layout."""
 
-    Only fp32 CPU weights are packed. The packed matmul is checked once against `F.linear` here, so a
-    build whose oneDNN misbehaves falls back to the plain path instead of serving wrong numbers.
+    kind: str  # "onednn" or "int8"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+class OneDnnLinear:
+    """oneDNN's matmul over a weight reordered once; float32, or bfloat16 where the CPU has it."""
+
+    kind = "onednn"
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight)  # opaque oneDNN layout
+        self.bias = bias  # [out]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+class Int8Linear:
+    """Dynamic int8: the weight in int8 with one scale per output row, each input quantized per call.
+
+    fbgemm's int8 kernels on CPUs without VNNI add pairs of products in 16 bits, which saturates on
+    full-range inputs; `reduce_range` quantizes inputs to 7 bits instead, and `pack_weight` picks it
+    where it measures more accurate.
     """
-    on_cpu = weight.device.type == "cpu" and weight.dtype == torch.float32
-    if not on_cpu or not torch.backends.mkldnn.is_available():
+
+    kind = "int8"
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, reduce_range: bool):
+        scale = (weight.abs().amax(1) / 127).clamp_min(1e-12)  # [out]
+        zero = torch.zeros(weight.shape[0], dtype=torch.long)
+        with warnings.catch_warnings():  # the quantized tensor API warns of its future removal
+            warnings.simplefilter("ignore")
+            quantized = torch.quantize_per_channel(weight, scale, zero, 0, torch.qint8)
+            self.params = torch.ops.quantized.linear_prepack(quantized, bias)
+        self.reduce_range = reduce_range
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic(x, self.params, self.reduce_range)
+
+
+# How far a packed matmul may be from F.linear on the start-up check (norm of the difference over the
+# norm of the output): float32 rounding; bfloat16's 8-bit mantissa (about 4e-3); int8's 7- or 8-bit
+# inputs and weights (about 2e-2; a kernel that saturates gives more).
+PACK_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.int8: 5e-2}
+
+
+def pack_weight(weight: torch.Tensor, bias: torch.Tensor | None, int8: bool = False) -> PackedLinear | None:
+    """`weight` prepacked for a CPU matmul (int8 if asked, else oneDNN), or None: use `F.linear`.
+
+    Float32 and bfloat16 CPU weights are packed (bfloat16 only where oneDNN has it for this CPU); `int8`
+    quantizes a float32 weight. Each packed matmul is checked once against `F.linear` here, so a build
+    whose kernels misbehave or are missing falls back (int8 to oneDNN float32, oneDNN to the plain
+    matmul) instead of serving wrong numbers.
+    """
+    if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
         return None
+    if int8 and weight.dtype == torch.float32:
+        packed = _int8_linear(weight, bias)
+        if packed is not None:
+            return packed
+    if not torch.backends.mkldnn.is_available():
+        return None
+    if weight.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return None
+    return _checked(lambda: OneDnnLinear(weight, bias), weight, bias, PACK_TOLERANCE[weight.dtype])
+
+
+def _int8_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> PackedLinear | None:
+    """The more accurate of the two input ranges on this CPU, if it passes the check."""
+    choices = []
+    for reduce_range in (False, True):
+        packed = _checked(lambda r=reduce_range: Int8Linear(weight, bias, r), weight, bias, None)
+        if packed is not None:
+            choices.append((_error(packed, weight, bias), packed))
+    if not choices:
+        return None
+    error, packed = min(choices, key=lambda c: c[0])
+    if error > PACK_TOLERANCE[torch.int8]:
+        log.warning("int8 matmul is off by %.1e of its output; using float32", error)
+        return None
+    return packed
+
+
+def _probe(weight: torch.Tensor) -> torch.Tensor:
+    return torch.randn(16, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.dtype)
+
+
+def _error(packed: PackedLinear, weight: torch.Tensor, bias: torch.Tensor | None) -> float:
+    """Relative difference from `F.linear` (in float32) on a random input: |got - want| / |want|."""
+    x = _probe(weight)
+    want = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    return ((packed(x).float() - want).norm() / want.norm().clamp_min(1e-12)).item()
+
+
+def _checked(make, weight: torch.Tensor, bias: torch.Tensor | None, tolerance: float | None):
+    """`make()` if the build has its ops and, `tolerance` given, it agrees with `F.linear`; else None."""
     try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight)
-        x = torch.randn(3, weight.shape[1], generator=torch.Generator().manual_seed(0))
-        got = frozen_linear(x, None, bias, packed)
-    except (RuntimeError, AttributeError) as exc:  # a build without these ops
-        log.info("oneDNN matmul unavailable (%s); using the plain CPU matmul", exc)
+        packed = make()
+        error = _error(packed, weight, bias)
+    except (RuntimeError, AttributeError, NotImplementedError) as exc:  # a build without these ops
+        log.info("prepacked CPU matmul unavailable (%s); falling back", exc)
         return None
-    if not torch.allclose(got, F.linear(x, weight, bias), rtol=1e-4, atol=1e-4):
-        log.warning("oneDNN matmul disagrees with the plain matmul; using the plain CPU matmul")
+    if tolerance is not None and not error <= tolerance:
+        log.warning("%s matmul disagrees with the plain matmul (%.1e); falling back", packed.kind, error)
         return None
     return packed
