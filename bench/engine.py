@@ -2,6 +2,7 @@
 
     python bench/engine.py --model minilm --json bench/out/engine-minilm.json
     python bench/engine.py --model bert-base        # also modernbert-base, deberta-v3-base
+    python bench/engine.py --dtype int8             # the engine in bfloat16 or int8 (PEFT stays float32)
 
 (a) the bare Hugging Face model, no LoRA; (b) the loraplex engine with K distinct rank-8 adapters on every
 linear layer; (c) PEFT's mixed-batch inference (`adapter_names=`); (d) PEFT with `set_adapter` per
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--ks", default="1,8,64")
     parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "int8"])
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
 
@@ -67,19 +69,19 @@ def main(argv: list[str] | None = None) -> int:
     path = model_dir(args.model)
     ks = [int(k) for k in args.ks.split(",")]
     texts = tweets(args.rows)
-    engine = Engine(path, device="cpu", num_slots=max(ks), max_rank=8)
+    engine = Engine(path, device="cpu", dtype=args.dtype, num_slots=max(ks), max_rank=8)
     ids = engine.tokenize(texts)
     batch = engine.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
     tokens = int(batch["attention_mask"].sum())
     print(
-        f"model={args.model} rows={args.rows} padded_len={batch['input_ids'].shape[1]} tokens={tokens} "
-        f"threads={torch.get_num_threads()}"
+        f"model={args.model} dtype={args.dtype} rows={args.rows} padded_len={batch['input_ids'].shape[1]} "
+        f"tokens={tokens} threads={torch.get_num_threads()}"
     )
     lengths = sorted((len(row) for row in ids), reverse=True)
     sizes = length_groups(lengths, engine.group_tokens, engine.group_cost_tokens)
     starts = [sum(sizes[:g]) for g in range(len(sizes))]
     engine_tokens = sum(size * lengths[start] for size, start in zip(sizes, starts, strict=True))
-    print(f"engine: groups of {sizes} rows, {engine_tokens} tokens with padding, oneDNN={engine.packed}")
+    print(f"engine: groups of {sizes} rows, {engine_tokens} tokens with padding, matmul={engine.matmul}")
 
     peft = peft_model_with_adapters(path, max(ks))
     for i in range(max(ks)):
@@ -147,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             json.dumps(
                 {
                     "model": args.model,
+                    "dtype": args.dtype,
                     "rows": args.rows,
                     "tokens": tokens,
                     "engine_groups": sizes,
