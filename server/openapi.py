@@ -1,6 +1,7 @@
 """/openapi.json: FastAPI's document plus what the routes cannot declare where they are defined.
 
-- Limits that are settings: `inputs` of /classify holds at most `max_client_batch` texts.
+- Limits that are settings: the text lists of every inference route (`inputs`, `input`, `texts`) hold at
+  most `max_client_batch` items.
 - Example bodies for every operation, taken from a real server with the tweet-sentiment demo adapter
   (`loraplex serve --preload tweet-sentiment=adapters/demo/tweet-sentiment`).
 """
@@ -34,12 +35,49 @@ _CLASSIFIED = {
             "label": "positive",
             "score": 0.9887,
             "scores": {"negative": 0.0047, "neutral": 0.0067, "positive": 0.9887},
+            "truncated": False,
         },
         {
             "label": "negative",
             "score": 0.7016,
             "scores": {"negative": 0.7016, "neutral": 0.2878, "positive": 0.0106},
+            "truncated": False,
         },
+    ],
+}
+_TEXT = "The train was late again."
+# all-MiniLM-L6-v2 gives 384 values; the example shows the first eight of the real vector for _TEXT.
+_VECTOR = [-0.0109, -0.0095, 0.0143, 0.1642, 0.0795, 0.0801, 0.0033, 0.0265]
+_EMBED = {"inputs": [_TEXT]}
+_EMBEDDED = {
+    "adapter_id": None,
+    "adapter_version": "base",
+    "pooling": "mean",
+    "normalize": True,
+    "results": [{"embedding": _VECTOR, "truncated": False}],
+}
+_OPENAI_EMBED = {"model": "all-MiniLM-L6-v2", "input": _TEXT}
+_OPENAI_EMBEDDED = {
+    "adapter_id": None,
+    "adapter_version": "base",
+    "object": "list",
+    "data": [{"object": "embedding", "index": 0, "embedding": _VECTOR}],
+    "model": "all-MiniLM-L6-v2",
+    "usage": {"prompt_tokens": 8, "total_tokens": 8},
+}
+# A cross-encoder adapter with the one label "relevance".
+_RERANK = {
+    "adapter_id": "relevance",
+    "query": "When does the train leave?",
+    "texts": ["The food was excellent.", "The train leaves at 9:15 from platform 2."],
+    "return_text": True,
+}
+_RERANKED = {
+    "adapter_id": "relevance",
+    "adapter_version": "472f81a76ccd",
+    "results": [
+        {"index": 1, "score": 0.9512, "truncated": False, "text": _RERANK["texts"][1]},
+        {"index": 0, "score": 0.0214, "truncated": False, "text": _RERANK["texts"][0]},
     ],
 }
 # A multipart body as Swagger UI fills it in; adapter_model is a file, which an example cannot hold.
@@ -59,6 +97,9 @@ _UPLOAD = {
 # (path, method) -> {"request": example, status: example}
 EXAMPLES: dict[tuple[str, str], dict] = {
     ("/classify", "post"): {"request": _CLASSIFY, "200": _CLASSIFIED},
+    ("/embed", "post"): {"request": _EMBED, "200": _EMBEDDED},
+    ("/v1/embeddings", "post"): {"request": _OPENAI_EMBED, "200": _OPENAI_EMBEDDED},
+    ("/rerank", "post"): {"request": _RERANK, "200": _RERANKED},
     ("/adapters", "get"): {"200": {"adapters": [_INFO]}},
     ("/adapters/{adapter_id}", "put"): {
         "request": _UPLOAD,
@@ -70,6 +111,8 @@ EXAMPLES: dict[tuple[str, str], dict] = {
     ("/ready", "get"): {"200": {"status": "ready"}},
 }
 _PATH_EXAMPLES = {"adapter_id": "tweet-sentiment"}
+# The body fields that are lists of texts, each capped by check_batch at max_client_batch.
+TEXT_LISTS = ("inputs", "input", "texts")
 
 
 def install_openapi(app: FastAPI, *, max_client_batch: int) -> None:
@@ -84,10 +127,17 @@ def install_openapi(app: FastAPI, *, max_client_batch: int) -> None:
 
 
 def complete(doc: dict, *, max_client_batch: int) -> dict:
-    body = doc["paths"]["/classify"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    for option in body["properties"]["inputs"]["anyOf"]:
-        if option.get("type") == "array":
-            option["maxItems"] = max_client_batch
+    for item in doc["paths"].values():
+        for operation in item.values():
+            media = operation.get("requestBody", {}).get("content", {}).get("application/json", {})
+            properties = media.get("schema", {}).get("properties", {})
+            for name in TEXT_LISTS:
+                for option in [properties.get(name, {}), *properties.get(name, {}).get("anyOf", ())]:
+                    if option.get("type") == "array":
+                        option["maxItems"] = max_client_batch
+            for parameter in operation.get("parameters", ()):
+                if parameter["name"] in _PATH_EXAMPLES:
+                    parameter["example"] = _PATH_EXAMPLES[parameter["name"]]
     for (path, method), examples in EXAMPLES.items():
         operation = doc["paths"][path][method]
         if "request" in examples:
@@ -97,9 +147,4 @@ def complete(doc: dict, *, max_client_batch: int) -> dict:
             for media in response.get("content", {}).values():
                 if status in examples:
                     media["example"] = examples[status]
-    for item in doc["paths"].values():
-        for operation in item.values():
-            for parameter in operation.get("parameters", ()):
-                if parameter["name"] in _PATH_EXAMPLES:
-                    parameter["example"] = _PATH_EXAMPLES[parameter["name"]]
     return doc

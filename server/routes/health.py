@@ -23,7 +23,16 @@ async def health() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/ready", response_model=Status, responses={503: {"model": ErrorBody}})
+_NOT_READY_RESPONSE = {
+    "model": ErrorBody,
+    "description": "loading, draining or failed; see Retry-After",
+    "content": {
+        "application/json": {"example": {"error": _NOT_READY["loading"], "error_type": "unavailable"}}
+    },
+}
+
+
+@router.get("/ready", response_model=Status, responses={503: _NOT_READY_RESPONSE})
 async def ready(request: Request) -> Response | dict:
     """200 once the model is warm; 503 while loading and again from the moment shutdown begins."""
     phase = request.app.state.phase
