@@ -134,6 +134,45 @@ def load_tensors(data: bytes, filename: str | None = None) -> dict[str, torch.Te
     return tensors
 
 
+def _strings(value) -> bool:
+    return isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+
+
+def _ints(value) -> bool:
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    return is_int(value) or (isinstance(value, list) and all(is_int(v) for v in value))
+
+
+# The config fields that the parser reads as names, patterns or layer numbers, and what PEFT saves in
+# them (None is always allowed: the field is unset). r, lora_alpha and the patterns are checked by
+# the parser itself, with its own messages.
+FIELD_TYPES = {
+    "target_modules": ("a module name, a regex, or a list of names", _strings),
+    "exclude_modules": ("a module name, a regex, or a list of names", _strings),
+    "modules_to_save": ("a list of module names", _strings),
+    "layers_to_transform": ("a layer index or a list of them", _ints),
+    "layers_pattern": ("a name or a list of names", _strings),
+    "use_rslora": ("true or false", lambda v: isinstance(v, bool)),
+    "base_model_name_or_path": ("a string", lambda v: isinstance(v, str)),
+    "task_type": ("a string", lambda v: isinstance(v, str)),
+    "problem_type": ("a string", lambda v: isinstance(v, str)),
+}
+
+
+def check_field_types(config) -> None:
+    """InvalidAdapterError naming the first field of FIELD_TYPES whose value has the wrong type."""
+    if not isinstance(config, dict):
+        raise InvalidAdapterError("adapter_config.json must be a JSON object.")
+    for field, (kind, ok) in FIELD_TYPES.items():
+        value = config.get(field)
+        if value is not None and not ok(value):
+            raise InvalidAdapterError(
+                f"Field '{field}' of adapter_config.json must be {kind}, got {repr(value)[:80]}."
+            )
+
+
 def build_weights(
     config: dict,
     tensors: dict[str, torch.Tensor],
@@ -143,15 +182,17 @@ def build_weights(
     max_rank: int,
     max_labels: int,
 ) -> AdapterWeights:
-    """`parse_adapter` plus the engine's capacity; malformed config values become InvalidAdapterError."""
+    """`parse_adapter` plus the engine's capacity; malformed config values become InvalidAdapterError.
+
+    The types of the config fields are checked first (`check_field_types`), so that an error the parser
+    raises past that is a fault of the parser, reported as such, and not blamed on the adapter.
+    """
+    check_field_types(config)
     try:
         weights = parse_adapter(config, tensors, base, labels=labels, max_rank=max_rank)
-    except (TypeError, ValueError, KeyError, AttributeError, OverflowError, RecursionError, re.error) as exc:
-        # parse_adapter checks the fields it reads; this catches values of a type it did not expect
-        # (e.g. a number where a list of names belongs) so that they are a 422, not a 500.
-        raise InvalidAdapterError(
-            f"adapter_config.json has a field of the wrong type or an invalid pattern: {_short(exc)}."
-        ) from None
+    except (ValueError, OverflowError, RecursionError, re.error) as exc:
+        # a value of the right type that cannot be used, e.g. a target pattern that is no regex
+        raise InvalidAdapterError(f"adapter_config.json has an invalid value: {_short(exc)}.") from None
     if weights.num_labels > max_labels:
         raise InvalidAdapterError(
             f"The classification head has {weights.num_labels} labels; this server accepts at most "

@@ -173,6 +173,11 @@ def hostile_cases(good: Good) -> list[Case]:
         Case("targets match nothing", 422, V, config=cfg(target_modules=["q_proj", "v_proj"])),
         Case("invalid target regex", 422, V, config=cfg(target_modules="(query")),
         Case("layers_to_transform of the wrong type", 422, V, config=cfg(layers_to_transform="0-3")),
+        Case("target_modules a number", 422, V, config=cfg(target_modules=5)),
+        Case("modules_to_save an object", 422, V, config=cfg(modules_to_save={"classifier": 1})),
+        Case("layers_to_transform with a string", 422, V, config=cfg(layers_to_transform=[0, "1"])),
+        Case("use_rslora a string", 422, V, config=cfg(use_rslora="yes")),
+        Case("exclude_modules a list of numbers", 422, V, config=cfg(exclude_modules=[1, 2])),
         Case("IA3 instead of LoRA", 422, V, config=cfg(peft_type="IA3")),
         Case("causal LM task", 422, V, config=cfg(task_type="CAUSAL_LM")),
         Case("PiSSA init rewrites the base", 422, V, config=cfg(init_lora_weights="pissa")),
@@ -295,6 +300,9 @@ def test_messages_name_what_is_wrong(engine, good_dir):
         "integer dtype": "classifier.weight",
         "truncated safetensors": "safetensors",
         "pickle (torch.save legacy)": "pickle",
+        "target_modules a number": "Field 'target_modules'",
+        "layers_to_transform with a string": "Field 'layers_to_transform'",
+        "use_rslora a string": "Field 'use_rslora'",
     }
     for name, fragment in expected.items():
         case = by_name[name]
@@ -309,3 +317,20 @@ def test_messages_name_what_is_wrong(engine, good_dir):
                 max_labels=MAX_LABELS,
             )
         assert fragment in info.value.message, (name, info.value.message)
+
+
+def test_a_fault_of_the_parser_is_not_blamed_on_the_adapter(engine, good_dir, monkeypatch):
+    """Field types are checked before parsing, so a TypeError from the parser is a bug and surfaces as
+    one (the server's 500 with its traceback logged), not as a 422 telling the client its config is bad."""
+    import loraplex.adapters.validate as validate
+
+    def broken_parser(*args, **kwargs):
+        raise TypeError("unsupported operand type(s) for +: 'int' and 'NoneType'")
+
+    monkeypatch.setattr(validate, "parse_adapter", broken_parser)
+    good = load_good(good_dir)
+    with pytest.raises(TypeError):
+        validate_upload(
+            "good", good.config_bytes, good.model, parse_labels(good.labels), engine.base,
+            max_rank=MAX_RANK, max_labels=MAX_LABELS,
+        )  # fmt: skip
