@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
 
 from loraplex.adapters.store import ADAPTER_ID_RE
 
@@ -28,6 +28,14 @@ PAIR_INPUTS_SCHEMA = {
 Direction = Literal["right", "left"]
 
 
+def _whole(value: object) -> object:
+    # JSON Schema's integer includes 16.0, so the server takes it too; 16.5 and "16" stay errors.
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Count = Annotated[int, Field(ge=1), BeforeValidator(_whole)]  # a positive whole number
+
+
 class ClassifyRequest(BaseModel):
     # strict: `"inputs": 5` or `"truncate": "yes"` is a client error, not something to coerce.
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -39,7 +47,7 @@ class ClassifyRequest(BaseModel):
     truncate: bool = Field(True, description="cut texts longer than the model maximum; false: 422 instead")
     truncation_direction: Direction = Field("right", description="the side a long input is cut on")
     raw_scores: bool = Field(False, description="true: logits; false: probabilities")
-    top_k: int | None = Field(None, ge=1, description="add `top`: the k best labels, best first")
+    top_k: Count | None = Field(None, description="add `top`: the k best labels, best first")
     threshold: float = Field(
         0.5, ge=0, le=1, allow_inf_nan=False, description="multi-label adapters: `labels` scoring >= this"
     )
@@ -58,7 +66,9 @@ class TextsRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    adapter_id: Annotated[str | None, WithJsonSchema(ADAPTER_ID_SCHEMA)] = Field(None, max_length=64)
+    adapter_id: Annotated[str | None, WithJsonSchema({"anyOf": [ADAPTER_ID_SCHEMA, {"type": "null"}]})] = (
+        Field(None, max_length=64)
+    )
     inputs: Annotated[str | list[str], WithJsonSchema(INPUTS_SCHEMA)]
     truncate: bool = Field(True, description="cut texts longer than the model maximum; false: 422 instead")
     truncation_direction: Direction = Field("right", description="the side a long input is cut on")
@@ -111,7 +121,7 @@ class RerankRequest(BaseModel):
     adapter_id: Annotated[str, WithJsonSchema(ADAPTER_ID_SCHEMA)] = Field(max_length=64)
     query: Annotated[str, WithJsonSchema(TEXT_SCHEMA)]
     texts: Annotated[list[str], WithJsonSchema({"type": "array", "items": TEXT_SCHEMA, "minItems": 1})]
-    top_n: int | None = Field(None, ge=1, description="only the n best texts")
+    top_n: Count | None = Field(None, description="only the n best texts")
     return_text: bool = Field(False, description="include each text in its result")
     raw_scores: bool = Field(False, description="true: logits; false: the adapter's probabilities")
     truncate: bool = True
