@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request, Response
 from loraplex.adapters.peft import SEQ_CLS
 from loraplex.auth import ApiKeyAuth
 from loraplex.inputs import encode
-from loraplex.routes.inference import body_schema, check_batch, infer, parse_body, respond
+from loraplex.routes.inference import body_schema, check_batch, infer, parse_body, read_body, respond
 from loraplex.schemas import ERROR_RESPONSES, ClassifyRequest, ClassifyResponse
 from loraplex.tasks import check_top_k, classification, require_task
 
@@ -23,7 +23,7 @@ router = APIRouter(tags=["inference"])
 )
 async def classify(request: Request, _auth: ApiKeyAuth) -> Response:
     """Classify one text (or pair) or a batch with one adapter; results in input order."""
-    body = parse_body(await request.body(), request.headers.get("content-type"), ClassifyRequest)
+    body = parse_body(await read_body(request), request.headers.get("content-type"), ClassifyRequest)
     texts = body.texts()
     check_batch(request, len(texts), body.adapter_id)
     engine = request.app.state.engine

@@ -11,7 +11,7 @@ from loraplex.adapters.peft import FEATURE_EXTRACTION
 from loraplex.auth import ApiKeyAuth
 from loraplex.engine import default_model_dir
 from loraplex.inputs import encode
-from loraplex.routes.inference import body_schema, check_batch, infer, parse_body, respond
+from loraplex.routes.inference import body_schema, check_batch, infer, parse_body, read_body, respond
 from loraplex.schemas import ERROR_RESPONSES, EmbedRequest, OpenAIEmbeddingsRequest
 from loraplex.tasks import check_finite, pool, require_task, sentence_pooling
 
@@ -21,7 +21,7 @@ router = APIRouter(tags=["inference"])
 @router.post("/embed", responses=ERROR_RESPONSES, openapi_extra=body_schema(EmbedRequest))
 async def embed(request: Request, _auth: ApiKeyAuth) -> Response:
     """One vector per text, in input order; no adapter_id: the base model's own embeddings."""
-    body = parse_body(await request.body(), request.headers.get("content-type"), EmbedRequest)
+    body = parse_body(await read_body(request), request.headers.get("content-type"), EmbedRequest)
     texts = body.texts()
     check_batch(request, len(texts), body.adapter_id)
     run = await infer(request, body.adapter_id, _tokenizer(request, "/embed", texts, body))
@@ -36,7 +36,7 @@ async def embed(request: Request, _auth: ApiKeyAuth) -> Response:
 @router.post("/v1/embeddings", responses=ERROR_RESPONSES, openapi_extra=body_schema(OpenAIEmbeddingsRequest))
 async def openai_embeddings(request: Request, _auth: ApiKeyAuth) -> Response:
     """OpenAI's embeddings shape; `model` is an adapter id, or the served base model's name for no adapter."""
-    body = parse_body(await request.body(), request.headers.get("content-type"), OpenAIEmbeddingsRequest)
+    body = parse_body(await read_body(request), request.headers.get("content-type"), OpenAIEmbeddingsRequest)
     texts = [body.input] if isinstance(body.input, str) else body.input
     base = request.app.state.engine.base.model_name
     adapter_id = None if body.model in (base, base.rsplit("/", 1)[-1]) else body.model

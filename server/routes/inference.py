@@ -2,8 +2,8 @@
 off the event loop, queue the rows, wait (bounded by request_timeout_s, dropped when the client leaves),
 and answer with the timing headers.
 
-    body = parse_body(await request.body(), request.headers.get("content-type"), EmbedRequest)
-    run = await infer(request, body.adapter_id, lambda handle: rows, count=len(texts))
+    body = parse_body(await read_body(request), request.headers.get("content-type"), EmbedRequest)
+    run = await infer(request, body.adapter_id, lambda handle: rows)
     return respond(request, run, {"results": ...})
 """
 
@@ -108,6 +108,20 @@ def check_batch(request: Request, count: int, adapter_id: str | None, what: str 
         )
 
 
+async def read_body(request: Request) -> bytes:
+    """The request body, read under the request's deadline (request_timeout_s from now, which `infer`
+    keeps): a client that sends its body slowly gets a 400 instead of holding the server (and its drain)."""
+    timeout = request.app.state.settings.request_timeout_s
+    request.state.deadline = asyncio.get_running_loop().time() + timeout
+    try:
+        async with asyncio.timeout_at(request.state.deadline):
+            return await request.body()
+    except TimeoutError:
+        raise BadRequestError(
+            f"The request body did not arrive within {timeout:g} s (request_timeout_s); send it at once."
+        ) from None
+
+
 async def infer(request: Request, adapter_id: str | None, tokenize: Callable[[object], list]) -> Run:
     """Resolve the adapter (None: the base model), run `tokenize(handle)` on the tokenizer thread, queue
     its rows and wait for them. `tokenize` may raise a LoraplexError (checks that need the adapter)."""
@@ -115,7 +129,7 @@ async def infer(request: Request, adapter_id: str | None, tokenize: Callable[[ob
     state = request.app.state
     settings = state.settings
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + settings.request_timeout_s
+    deadline = getattr(request.state, "deadline", None) or loop.time() + settings.request_timeout_s
     try:
         async with asyncio.timeout_at(deadline):
             handle = BaseHandle() if adapter_id is None else await state.registry.get(adapter_id)

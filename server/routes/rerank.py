@@ -9,7 +9,7 @@ from loraplex.adapters.errors import InvalidInputError
 from loraplex.adapters.peft import SEQ_CLS
 from loraplex.auth import ApiKeyAuth
 from loraplex.inputs import encode
-from loraplex.routes.inference import body_schema, check_batch, infer, parse_body, respond
+from loraplex.routes.inference import body_schema, check_batch, infer, parse_body, read_body, respond
 from loraplex.schemas import ERROR_RESPONSES, RerankRequest
 from loraplex.tasks import check_finite, require_task
 
@@ -19,7 +19,7 @@ router = APIRouter(tags=["inference"])
 @router.post("/rerank", responses=ERROR_RESPONSES, openapi_extra=body_schema(RerankRequest))
 async def rerank(request: Request, _auth: ApiKeyAuth) -> Response:
     """The texts by relevance to the query, best first: sigmoid of the cross-encoder's logit."""
-    body = parse_body(await request.body(), request.headers.get("content-type"), RerankRequest)
+    body = parse_body(await read_body(request), request.headers.get("content-type"), RerankRequest)
     check_batch(request, len(body.texts), body.adapter_id)
     engine = request.app.state.engine
 
