@@ -265,8 +265,9 @@ class Registry:
 
     @property
     def resident(self) -> int:
-        """Occupied device slots."""
-        return len(self._resident_keys)
+        """Slots holding an adapter's current version; a deleted or replaced version's slot is not counted."""
+        known = self._known
+        return sum(1 for a, v in self._resident_keys if a in known and known[a].record.version == v)
 
     @property
     def host_cached(self) -> int:

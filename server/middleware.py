@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from loraplex.adapters.errors import PayloadTooLargeError, UnavailableError
@@ -17,9 +18,10 @@ from loraplex.errors import response_for
 from loraplex.metrics import method_label
 
 # Routes that never queue work: open during loading and draining, not counted as in flight.
-OPS_PATHS = frozenset(
-    {"/health", "/ready", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
-)
+OPS_PATHS = frozenset({"/health", "/ready", "/metrics", "/docs", "/redoc", "/openapi.json"})
+OPS_PREFIX = "/docs/"  # the docs' assets and OAuth redirect page
+# The route label of a request refused while the server is not ready (loading, draining, failed).
+NOT_READY = "not_ready"
 
 _REFUSED = {
     "loading": "The model is still loading; retry when /ready answers 200.",
@@ -50,13 +52,16 @@ class ServingMiddleware:
             await send(message)
 
         path = scope["path"]
-        tracked = path not in OPS_PATHS
+        tracked = path not in OPS_PATHS and not path.startswith(OPS_PREFIX)
+        label = None  # the matched route's template once routed; NOT_READY for a refusal while not ready
         try:
             if not tracked:
                 await self.app(scope, receive, send_status)
                 return
             refusal = self._refusal(state, scope)
             if refusal is not None:
+                if state.phase != "ready":
+                    label = NOT_READY
                 await response_for(refusal)(scope, receive, send_status)
                 return
             state.inflight += 1
@@ -65,8 +70,8 @@ class ServingMiddleware:
             finally:
                 state.inflight -= 1
         finally:
-            route = scope.get("route")
-            label = route.path if route is not None else "unmatched"
+            if label is None:
+                label = _route_label(scope)
             state.metrics.requests.labels(label, method_label(scope["method"]), str(status)).inc()
             state.metrics.request_seconds.labels(label).observe(time.perf_counter() - started)
 
@@ -79,6 +84,15 @@ class ServingMiddleware:
             if name == b"content-length" and value.isdigit() and int(value) > limit:
                 return _too_large(limit)
         return None
+
+
+def _route_label(scope: Scope) -> str:
+    """The template of the route that answered: FastAPI's routes put themselves in the scope; a plain
+    Starlette route (the OpenAPI document) is found by matching; "unmatched" when none matches."""
+    route = scope.get("route")
+    if route is None and "app" in scope:
+        route = next((r for r in scope["app"].router.routes if r.matches(scope)[0] is Match.FULL), None)
+    return getattr(route, "path", None) or "unmatched"
 
 
 def _limited(receive: Receive, limit: int) -> Receive:
