@@ -3,6 +3,7 @@
     python bench/engine.py --model minilm --json bench/out/engine-minilm.json
     python bench/engine.py --model bert-base        # also modernbert-base, deberta-v3-base
     python bench/engine.py --dtype int8             # the engine in bfloat16 or int8 (PEFT stays float32)
+    python bench/engine.py --device cuda --dtype float16   # all variants on the GPU in that precision
 
 (a) the bare Hugging Face model, no LoRA; (b) the loraplex engine with K distinct rank-8 adapters on every
 linear layer; (c) PEFT's mixed-batch inference (`adapter_names=`); (d) PEFT with `set_adapter` per
@@ -56,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--ks", default="1,8,64")
     parser.add_argument("--reps", type=int, default=7)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "int8"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "int8"])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the bare model and PEFT run there too)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
 
@@ -69,7 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     path = model_dir(args.model)
     ks = [int(k) for k in args.ks.split(",")]
     texts = tweets(args.rows)
-    engine = Engine(path, device="cpu", dtype=args.dtype, num_slots=max(ks), max_rank=8)
+    engine = Engine(path, device=args.device, dtype=args.dtype, num_slots=max(ks), max_rank=8)
+    device = engine.device
+    # The bare model and PEFT in their best precision on this device: the engine's, except int8.
+    peer_dtype = getattr(torch, args.dtype) if args.dtype in ("float16", "bfloat16") else torch.float32
     ids = engine.tokenize(texts)
     batch = engine.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
     tokens = int(batch["attention_mask"].sum())
@@ -91,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     bare = AutoModelForSequenceClassification.from_pretrained(path, num_labels=3).eval()
+    bare.to(device, peer_dtype)
+    peft.to(device, peer_dtype)
+    batch = {key: value.to(device) for key, value in batch.items()}
     fns = {
         "a: bare model": lambda: bare(**batch),
         "engine, no adapter": lambda: engine.classify(ids, [engine.empty_slot] * args.rows),
@@ -108,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                 peft(**{key: v[rows] for key, v in batch.items()})
 
         fns[f"d: peft set_adapter K={k}"] = per_adapter
+    if device.type == "cuda":  # time the work, not its launch: each call ends when the GPU is done
+        fns = {name: lambda fn=fn: (fn(), torch.cuda.synchronize()) for name, fn in fns.items()}
     failed = {}  # PEFT's mixed batch cannot run some families (see the README); they are left out
     with torch.inference_mode():
         for name, fn in list(fns.items()):
@@ -150,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     "model": args.model,
                     "dtype": args.dtype,
+                    "device": str(device),
                     "rows": args.rows,
                     "tokens": tokens,
                     "engine_groups": sizes,

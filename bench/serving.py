@@ -43,7 +43,9 @@ def make_adapters(root: Path, k: int, rank: int) -> list[Path]:
     return [factory.save(root / f"a{i}", seed=i) for i in range(k)]
 
 
-def engine_only(folders: list[Path], texts: list[str], rows: int, rank: int, reps: int) -> float:
+def engine_only(
+    folders: list[Path], texts: list[str], rows: int, rank: int, reps: int, device: str | None, dtype: str
+) -> float:
     """Rows per second of the engine alone on `rows`-row batches, each row for a different adapter."""
     import torch
     from safetensors.torch import load_file
@@ -51,7 +53,7 @@ def engine_only(folders: list[Path], texts: list[str], rows: int, rank: int, rep
     from loraplex.adapters.peft import parse_adapter
     from loraplex.engine import Engine
 
-    engine = Engine(num_slots=len(folders), max_rank=rank)
+    engine = Engine(device=device, dtype=dtype, num_slots=len(folders), max_rank=rank)
     for slot, folder in enumerate(folders):
         config = json.loads((folder / "adapter_config.json").read_text())
         labels = json.loads((folder / "labels.json").read_text())
@@ -140,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
     parser.add_argument("--texts", type=int, default=512, help="distinct tweets to draw from")
     parser.add_argument("--engine-reps", type=int, default=9)
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--dtype", default="float32", help="the server's --dtype")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     levels = [int(n) for n in args.clients.split(",")]
@@ -147,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="loraplex-bench-http-"))
     folders = make_adapters(root / "adapters", args.adapters, args.rank)
     texts = tweets(args.texts)
-    engine_rows_per_s = engine_only(folders, texts, args.max_batch_size, args.rank, args.engine_reps)
+    engine_rows_per_s = engine_only(
+        folders, texts, args.max_batch_size, args.rank, args.engine_reps, args.device, args.dtype
+    )
     print(f"adapters={args.adapters} rank={args.rank} all-linear, texts={len(texts)} tweets")
     print(f"engine only: {engine_rows_per_s:.1f} rows/s in batches of {args.max_batch_size}", flush=True)
 
@@ -156,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         "--adapter-store", str(root / "store"), "--max-resident", str(args.adapters),
         "--max-rank", str(args.rank), "--max-batch-size", str(args.max_batch_size),
         "--max-wait-ms", str(args.max_wait_ms), "--max-queued", str(max(1024, 4 * max(levels))),
-        "--log-level", "warning", *preload,
+        "--log-level", "warning", "--dtype", args.dtype, *preload,
+        *(("--device", args.device) if args.device else ()),
     )  # fmt: skip
     results = []
     with server:
@@ -196,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
             "target_modules": ALL_LINEAR,
             "max_batch_size": args.max_batch_size,
             "max_wait_ms": args.max_wait_ms,
+            "device": args.device,
+            "dtype": args.dtype,
             "seconds": args.seconds,
             "engine_only_rows_per_s": engine_rows_per_s,
             "levels": results,

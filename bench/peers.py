@@ -1,0 +1,119 @@
+"""loraplex against the PEFT servers a user would write, measured back to back in one run.
+
+    python bench/peers.py --json bench/out/peers.json          # 64 rank-8 adapters, 64 clients, 20 s each
+    python bench/peers.py --adapters 8 --clients 8 --seconds 5 --warmup 2    # quick check
+
+The same K adapters (rank-8 LoRA on every linear layer, a head each), the same tweets and the same
+closed-loop clients (bench/serving.py: one tweet per request, a random adapter, the next request as soon as
+the answer comes) against, one after another on the same machine:
+
+- loraplex (`loraplex serve`, `--dtype` as given);
+- a FastAPI server micro-batching into PEFT's mixed-adapter mode (5 ms window, <= 64 rows);
+- a serial FastAPI + PEFT server (set_adapter and forward per request).
+
+The peers are bench/peer_server.py. Per server: requests/s, p50 and p99 latency, and the CPU the load
+generator itself used (its process time over the run, in cores), since it shares the machine.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parent.parent)  # `bench` and `tests` import as packages
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+from bench.common import tweets  # noqa: E402
+from bench.serving import closed_loop, make_adapters  # noqa: E402
+from tests.live_server import LiveServer  # noqa: E402
+
+
+def measure(
+    server: LiveServer, clients: int, names: list[str], texts: list[str], warmup: float, seconds: float
+):
+    with server:
+        cpu, wall = time.process_time(), time.perf_counter()
+        latencies, failures = asyncio.run(closed_loop(server.port, clients, names, texts, warmup, seconds))
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    if len(latencies) < 2:
+        raise SystemExit(f"{len(latencies)} requests finished in the window; give more --seconds")
+    return {
+        "requests_per_s": len(latencies) / seconds,
+        "p50_ms": 1000 * statistics.median(latencies),
+        "p99_ms": 1000 * statistics.quantiles(latencies, n=100)[98],
+        "failures": failures,
+        "load_generator_cores": cpu / wall,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--adapters", type=int, default=64)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--warmup", type=float, default=4.0)
+    parser.add_argument("--texts", type=int, default=512)
+    parser.add_argument("--dtype", default="float32", help="loraplex's --dtype")
+    parser.add_argument("--peer-dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+
+    root = Path(tempfile.mkdtemp(prefix="loraplex-bench-peers-"))
+    folders = make_adapters(root / "adapters", args.adapters, args.rank)
+    names = [f"a{i}" for i in range(args.adapters)]
+    texts = tweets(args.texts)
+    preload = [
+        arg for name, folder in zip(names, folders, strict=True) for arg in ("--preload", f"{name}={folder}")
+    ]
+    servers = {
+        "loraplex": LiveServer(
+            "--adapter-store", str(root / "store"), "--max-resident", str(args.adapters),
+            "--max-rank", str(args.rank), "--max-queued", str(max(1024, 4 * args.clients)),
+            "--log-level", "warning", "--dtype", args.dtype, *preload,
+        ),
+        "peft micro-batching": LiveServer(
+            "--mode", "microbatch", "--dtype", args.peer_dtype, *preload, module="bench.peer_server",
+            ready_timeout=600,
+        ),
+        "peft serial": LiveServer(
+            "--mode", "serial", "--dtype", args.peer_dtype, *preload, module="bench.peer_server",
+            ready_timeout=600,
+        ),
+    }  # fmt: skip
+    print(
+        f"adapters={args.adapters} rank={args.rank} clients={args.clients} seconds={args.seconds} "
+        f"loraplex dtype={args.dtype} peers dtype={args.peer_dtype} cores={os.cpu_count()}",
+        flush=True,
+    )
+    results = {}
+    for name, server in servers.items():
+        results[name] = r = measure(server, args.clients, names, texts, args.warmup, args.seconds)
+        print(
+            f"  {name:<20} {r['requests_per_s']:7.1f} req/s  p50 {r['p50_ms']:7.1f} ms  "
+            f"p99 {r['p99_ms']:7.1f} ms  failures {r['failures']}  "
+            f"load generator {r['load_generator_cores']:.2f} cores",
+            flush=True,
+        )
+    ours = results["loraplex"]["requests_per_s"]
+    for name in ("peft micro-batching", "peft serial"):
+        print(f"  loraplex / {name}: {ours / results[name]['requests_per_s']:.2f}x")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(
+            json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, **results}, indent=2)
+        )
+    return 1 if any(r["failures"] for r in results.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
