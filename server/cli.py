@@ -10,15 +10,20 @@ USAGE = """usage: loraplex COMMAND [ARGS]
 commands:
   serve       run the HTTP server
   train       fine-tune a LoRA classification adapter with PEFT
-  adapters    push / ls / rm adapters on a running server
-  classify    classify texts with an adapter on a running server
+  adapters    push / ls / show / rm adapters on a running server
+  classify    classify texts (arguments, stdin, or a text, CSV or JSONL file) with an adapter
+  embed       embed texts with a FEATURE_EXTRACTION adapter or the base model
+  rerank      order texts by relevance to a query with a cross-encoder adapter
 
 options:
   -h, --help  show this help and exit
   --version   show the installed version and exit
 
-`loraplex COMMAND --help` shows a command's options, each with its default.
+`loraplex COMMAND --help` shows a command's options, each with its default; every command takes --version.
 """
+
+
+CLIENT_COMMANDS = ("adapters", "classify", "embed", "rerank")  # loraplex.client_cli's
 
 
 def version() -> str:
@@ -34,21 +39,24 @@ def version() -> str:
 
 def add_version(parser: argparse.ArgumentParser) -> None:
     """`--version` on a command's parser: prints `loraplex VERSION` and exits 0."""
-    parser.add_argument("--version", action="version", version=f"loraplex {version()}")
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"loraplex {version()}",
+        help="show the installed version and exit",
+    )
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Every option's help ends with its default, said once: "(default: X)" is added unless the help
-    already names the default; an option without one says "(default: none)", a flag "(default: off)"."""
+    already names the default; an option without one says "(default: none)", a flag "(default: off)", and
+    a required option "(required)"."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if (
-            "default" in text
-            or action.required
-            or action.default is argparse.SUPPRESS
-            or not action.option_strings
-        ):
+        if action.required and action.option_strings:
+            return f"{text} (required)"
+        if "default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
             return text
         if action.default is None:
             return f"{text} (default: none)"
@@ -70,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         from loraplex.serve import main as run
     elif command == "train":
         from loraplex.adapters.train import main as run
-    elif command in ("adapters", "classify"):
+    elif command in CLIENT_COMMANDS:
         from loraplex.client_cli import main as run
 
         rest = argv

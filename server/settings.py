@@ -191,11 +191,18 @@ def option_flag(name: str) -> str:
 
 
 def build_parser(prog: str = "loraplex serve") -> argparse.ArgumentParser:
+    from loraplex.cli import add_version
+
     parser = _Parser(prog=prog, description="Run the loraplex HTTP server.", argument_default=SUPPRESS)
+    add_version(parser)
     for name, field in Settings.model_fields.items():
         default = field.default if field.default_factory is None else field.default_factory()
-        shown = "unset" if default is None or name in _SECRETS else default
-        help_text = f"{field.description} (env {ENV_PREFIX}{name.upper()}; default: {shown})"
+        shown = (
+            "unset" if default in (None, []) or name in _SECRETS else "off" if default is False else default
+        )
+        # A description that names its own default (one computed at start) is not given a second one.
+        said = "" if "default" in (field.description or "") else f"; default: {shown}"
+        help_text = f"{field.description} (env {ENV_PREFIX}{name.upper()}{said})"
         if name == "preload":
             parser.add_argument(option_flag(name), action="append", metavar="ID=DIR", help=help_text)
         elif field.annotation is bool:

@@ -349,8 +349,9 @@ def test_cli_push_ls_show_classify_rm(srv, adapters, capsys, monkeypatch):
         peft_logits(adapters["sent"], TEXTS[:1])[0, 0].item(), abs=1e-5
     )
     monkeypatch.setattr("sys.stdin", io.StringIO("one line\n\nanother line\n"))
-    code, out, _ = cli(capsys, "classify", "cli-sent", "-", "--json")
-    assert code == 0 and len(json.loads(out)["results"]) == 2
+    code, out, _ = cli(capsys, "classify", "cli-sent", "-", "--json")  # JSON lines, one per input
+    lines = [json.loads(line)["text"] for line in out.splitlines()]
+    assert code == 0 and lines == ["one line", "another line"]
 
     code, out, _ = cli(capsys, "adapters", "rm", "cli-sent")
     assert code == 0 and out.strip() == "deleted cli-sent"
