@@ -80,6 +80,19 @@ _RERANKED = {
         {"index": 0, "score": 0.0214, "truncated": False, "text": _RERANK["texts"][0]},
     ],
 }
+# A TOKEN_CLS adapter with the labels O, B-PER, I-PER, B-LOC, I-LOC (the embedded model is uncased).
+_TOKENS = {"adapter_id": "ner", "inputs": ["Angela Merkel visited Paris last week."], "aggregation": "simple"}
+_TOKENED = {
+    "adapter_id": "ner",
+    "adapter_version": "9c4d2e7a1f03",
+    "results": [
+        [
+            {"entity_group": "PER", "score": 0.9713, "word": "angela merkel", "start": 0, "end": 13},
+            {"entity_group": "LOC", "score": 0.9402, "word": "paris", "start": 22, "end": 27},
+        ]
+    ],
+    "truncated": [False],
+}
 # A multipart body as Swagger UI fills it in; adapter_model is a file, which an example cannot hold.
 _UPLOAD = {
     "adapter_config": {
@@ -100,6 +113,7 @@ EXAMPLES: dict[tuple[str, str], dict] = {
     ("/embed", "post"): {"request": _EMBED, "200": _EMBEDDED},
     ("/v1/embeddings", "post"): {"request": _OPENAI_EMBED, "200": _OPENAI_EMBEDDED},
     ("/rerank", "post"): {"request": _RERANK, "200": _RERANKED},
+    ("/tokens", "post"): {"request": _TOKENS, "200": _TOKENED},
     ("/adapters", "get"): {"200": {"adapters": [_INFO]}},
     ("/adapters/{adapter_id}", "put"): {
         "request": _UPLOAD,

@@ -92,11 +92,20 @@ class EmbedRequest(TextsRequest):
 
 
 class TokensRequest(TextsRequest):
-    adapter_id: Annotated[str, WithJsonSchema(ADAPTER_ID_SCHEMA)] = Field(max_length=64)
-    aggregation: Literal["none", "simple", "first", "average", "max"] = Field(
-        "simple", description="how word pieces become entities, as the token-classification pipeline does"
+    """/tokens: entities per text, as Hugging Face's token-classification pipeline reports them."""
+
+    adapter_id: Annotated[str, WithJsonSchema(ADAPTER_ID_SCHEMA)] = Field(
+        max_length=64, description="the token-classification (TOKEN_CLS) adapter"
     )
-    ignore_labels: list[str] = Field(["O"], description="labels never reported as entities")
+    aggregation: Literal["none", "simple", "first", "average", "max"] = Field(
+        "simple",
+        description="how tokens become entities, as the token-classification pipeline does (default "
+        '"simple": B-/I- tags grouped); "none": every token with its label and index; "first", "average", '
+        '"max": the pieces of a word agree on one label (fast tokenizers only)',
+    )
+    ignore_labels: list[Annotated[str, Field(max_length=256)]] = Field(
+        ["O"], max_length=256, description='labels never reported as entities (default ["O"])'
+    )
 
 
 class OpenAIEmbeddingsRequest(BaseModel):
@@ -193,6 +202,23 @@ class ClassifyResponse(BaseModel):
     adapter_id: str
     adapter_version: str = Field(description="the adapter version that computed every result")
     results: list[ClassifyResult] = Field(description="one per input, in input order")
+
+
+class TokenEntity(BaseModel):
+    entity_group: str | None = Field(None, description="aggregated: the entity type (B-PER, I-PER -> PER)")
+    entity: str | None = Field(None, description='aggregation "none": the token\'s label')
+    score: float = Field(description="the label's probability (a group: the mean of its members')")
+    word: str = Field(description="the tokens joined as the tokenizer decodes them")
+    start: int | None = Field(description="first character in the input text; null without offsets")
+    end: int | None = Field(description="one past the last character")
+    index: int | None = Field(None, description='aggregation "none": the token\'s position in the input')
+
+
+class TokensResponse(BaseModel):
+    adapter_id: str
+    adapter_version: str = Field(description="the adapter version that computed every result")
+    results: list[list[TokenEntity]] = Field(description="per input, in input order: its entities")
+    truncated: list[bool] = Field(description="per input: whether it was cut to the model's maximum length")
 
 
 class ErrorBody(BaseModel):
