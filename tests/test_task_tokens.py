@@ -1,9 +1,10 @@
 """POST /tokens: token-classification adapters through a live server, every aggregation strategy against
 Hugging Face's `token-classification` pipeline on the PEFT model; several label sets in one stream,
-truncation on either side, and bad input."""
+truncation on either side, the client, and bad input."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +15,8 @@ import pytest
 from transformers import AutoTokenizer, BertConfig, pipeline
 from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy
 
+from loraplex.client import AsyncClient, Client, Entities, Entity
+from loraplex.client import ValidationError as ClientValidationError
 from tests.family_support import save_model, tiny_config_kwargs
 from tests.peft_factory import ALL_LINEAR, tokenizer
 from tests.task_support import peft_model, save_task_adapter, serve
@@ -182,6 +185,27 @@ def test_a_long_text_is_cut_on_the_side_asked(srv, models):
     refused = post(srv, {"adapter_id": "ner", "inputs": ["ok", LONG], "truncate": False})
     assert refused.status_code == 422
     assert refused.json()["error_type"] == "validation" and "Input 1 has" in refused.json()["error"]
+
+
+def test_client_returns_entities(srv, expect):
+    want = expect("ner", "max")[:2]
+    with Client(srv.url) as client:
+        answer = client.tokens("ner", TEXTS[:2], aggregation="max")
+    assert isinstance(answer, Entities) and answer.adapter_id == "ner"
+    assert all(isinstance(e, Entity) for row in answer.results for e in row)
+    assert [[(e.label, e.word, e.start, e.end) for e in row] for row in answer.results] == [
+        [(e["entity_group"], e["word"], e["start"], e["end"]) for e in row] for row in want
+    ]
+
+    async def tokens():
+        async with AsyncClient(srv.url) as client:
+            return await client.tokens("ner", TEXTS[0], aggregation="none", ignore_labels=[])
+
+    single = asyncio.run(tokens())
+    assert len(single.results) == 1
+    assert [e.index for e in single.results[0]] == list(range(1, len(tokenizer()(TEXTS[0])["input_ids"]) - 1))
+    with Client(srv.url) as client, pytest.raises(ClientValidationError):
+        client.tokens("sentiment", "hi")
 
 
 @pytest.mark.parametrize(

@@ -205,6 +205,34 @@ class Ranking:
 
 
 @dataclass(frozen=True)
+class Entity:
+    label: str  # the entity type ("PER"); with aggregation "none" the token's own label ("B-PER")
+    score: float
+    word: str
+    start: int | None  # character offsets in the input text; None where the tokenizer has none
+    end: int | None
+    index: int | None = None  # aggregation "none": the token's position in the tokenized input
+
+    @classmethod
+    def from_json(cls, e: dict) -> Entity:
+        label = e["entity_group"] if "entity_group" in e else e["entity"]
+        return cls(label, e["score"], e["word"], e["start"], e["end"], e.get("index"))
+
+
+@dataclass(frozen=True)
+class Entities:
+    adapter_id: str
+    adapter_version: str
+    results: list[list[Entity]]  # one list per input, in input order; entities in text order
+    raw: dict = field(repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, body: dict) -> Entities:
+        results = [[Entity.from_json(e) for e in row] for row in body["results"]]
+        return cls(body["adapter_id"], body["adapter_version"], results, body)
+
+
+@dataclass(frozen=True)
 class AdapterInfo:
     adapter_id: str
     version: str
@@ -279,6 +307,12 @@ def _rerank_call(adapter_id: str, query: str, texts: list[str], **options) -> _C
     body = {"adapter_id": adapter_id, "query": query, "texts": texts}
     body |= {name: value for name, value in options.items() if value is not None}
     return _Call("POST", "/rerank", lambda r: Ranking.from_json(r.json()), adapter_id=adapter_id, json=body)
+
+
+def _tokens_call(adapter_id: str, inputs: str | list[str], aggregation: str, **options) -> _Call:
+    body = {"adapter_id": adapter_id, "inputs": inputs, "aggregation": aggregation}
+    body |= {name: value for name, value in options.items() if value is not None}
+    return _Call("POST", "/tokens", lambda r: Entities.from_json(r.json()), adapter_id=adapter_id, json=body)
 
 
 def _upload_call(adapter_id: str, config: bytes, weights: bytes, labels: str | list[str] | None) -> _Call:
@@ -426,6 +460,18 @@ class Client(_Base):
         """The texts by relevance to `query` under a cross-encoder adapter, best first."""
         return self._send(_rerank_call(adapter_id, query, texts, top_n=top_n, return_text=return_text))
 
+    def tokens(
+        self, adapter_id: str, inputs: str | list[str], aggregation: str = "simple", *,
+        ignore_labels: list[str] | None = None, truncate: bool | None = None,
+        truncation_direction: str | None = None,
+    ) -> Entities:  # fmt: skip
+        """Entities per text from a token-classification adapter, as Hugging Face's token-classification
+        pipeline gives them ("simple": B-/I- tags grouped; "none": every token; "first", "average",
+        "max": whole words); labels in `ignore_labels` (default ["O"]) are left out."""
+        options = dict(ignore_labels=ignore_labels, truncate=truncate)
+        options["truncation_direction"] = truncation_direction
+        return self._send(_tokens_call(adapter_id, inputs, aggregation, **options))
+
     def upload(self, adapter_id: str, source: str | os.PathLike[str] | Any, *, labels: list[str] | None = None
                ) -> AdapterInfo:  # fmt: skip
         """Create or replace an adapter from a PEFT directory (adapter_config.json, adapter_model.safetensors,
@@ -498,6 +544,15 @@ class AsyncClient(_Base):
         return_text: bool = False,
     ) -> Ranking:  # fmt: skip
         return await self._send(_rerank_call(adapter_id, query, texts, top_n=top_n, return_text=return_text))
+
+    async def tokens(
+        self, adapter_id: str, inputs: str | list[str], aggregation: str = "simple", *,
+        ignore_labels: list[str] | None = None, truncate: bool | None = None,
+        truncation_direction: str | None = None,
+    ) -> Entities:  # fmt: skip
+        options = dict(ignore_labels=ignore_labels, truncate=truncate)
+        options["truncation_direction"] = truncation_direction
+        return await self._send(_tokens_call(adapter_id, inputs, aggregation, **options))
 
     async def upload(self, adapter_id: str, source: str | os.PathLike[str] | Any, *,
                      labels: list[str] | None = None) -> AdapterInfo:  # fmt: skip
