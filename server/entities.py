@@ -100,20 +100,19 @@ def entities(
     """The row's entities, in text order, as the token-classification pipeline reports them."""
     scores = torch.softmax(logits.float(), dim=-1)  # [tokens, labels]
     if aggregation in ("none", "simple"):
-        tagged = []
-        for piece in pieces:
-            row = scores[piece.index]
-            best = int(row.argmax())
-            tagged.append(
-                {
-                    "entity": labels[best],
-                    "score": row[best].item(),
-                    "index": piece.index,
-                    "word": piece.word,
-                    "start": piece.start,
-                    "end": piece.end,
-                }
-            )
+        top = scores.max(dim=-1)  # per token: the best label's probability and index
+        values, best = top.values.tolist(), top.indices.tolist()
+        tagged = [
+            {
+                "entity": labels[best[piece.index]],
+                "score": values[piece.index],
+                "index": piece.index,
+                "word": piece.word,
+                "start": piece.start,
+                "end": piece.end,
+            }
+            for piece in pieces
+        ]
         if aggregation == "none":
             return [entity for entity in tagged if entity["entity"] not in ignore_labels]
     else:

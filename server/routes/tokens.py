@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request, Response
 
 from loraplex.adapters.peft import TOKEN_CLS
@@ -44,12 +46,18 @@ async def tokens(request: Request, _auth: ApiKeyAuth) -> Response:
     run = await infer(request, body.adapter_id, tokenize)
     if run.early is not None:
         return run.early
-    results = []
-    for logits, row_pieces in zip(run.job.logits, pieces, strict=True):
-        check_finite(logits, run.handle)
-        found = entities(
-            row_pieces, logits, run.handle.labels, engine.tokenizer, body.aggregation, body.ignore_labels
-        )
-        results.append(found)
+
+    def aggregate() -> list[list[dict]]:
+        results = []
+        for logits, row_pieces in zip(run.job.logits, pieces, strict=True):
+            check_finite(logits, run.handle)
+            labels = run.handle.labels
+            results.append(
+                entities(row_pieces, logits, labels, engine.tokenizer, body.aggregation, body.ignore_labels)
+            )
+        return results
+
+    # On the tokenizer's thread: a Python loop over every token, and the tokenizer decodes the words.
+    results = await asyncio.get_running_loop().run_in_executor(request.app.state.tokenizer, aggregate)
     truncated = [row.truncated for row in run.rows]
     return respond(request, run, {"results": results, "truncated": truncated}, len(texts))
