@@ -231,6 +231,11 @@ def test_bad_input_is_a_contract_error(srv, body, status, needle):
     assert error["error_type"] == ("not_found" if status == 404 else "validation")
 
 
+def test_a_token_adapter_on_classify_is_sent_to_tokens(srv):
+    response = httpx.post(srv.url + "/classify", json={"adapter_id": "ner", "inputs": "hi"}, timeout=60)
+    assert response.status_code == 422 and "send its requests to POST /tokens" in response.json()["error"]
+
+
 def test_not_json_is_refused(srv):
     response = httpx.post(srv.url + "/tokens", content=b"{", headers={"content-type": "application/json"})
     assert response.status_code == 400 and response.json()["error_type"] == "bad_request"
