@@ -98,27 +98,34 @@ def entities(
     ignore_labels: list[str] | tuple[str, ...] = ("O",),
 ) -> list[dict]:
     """The row's entities, in text order, as the token-classification pipeline reports them."""
-    scores = torch.softmax(logits.float(), dim=-1)  # [tokens, labels]
+    # Plain lists from here on: a few labels per token are cheaper in Python than one tensor op each.
+    scores = torch.softmax(logits.float(), dim=-1).tolist()  # [tokens][labels]
     if aggregation in ("none", "simple"):
-        top = scores.max(dim=-1)  # per token: the best label's probability and index
-        values, best = top.values.tolist(), top.indices.tolist()
-        tagged = [
-            {
-                "entity": labels[best[piece.index]],
-                "score": values[piece.index],
-                "index": piece.index,
-                "word": piece.word,
-                "start": piece.start,
-                "end": piece.end,
-            }
-            for piece in pieces
-        ]
+        tagged = []
+        for piece in pieces:
+            row = scores[piece.index]
+            best = _argmax(row)
+            tagged.append(
+                {
+                    "entity": labels[best],
+                    "score": row[best],
+                    "index": piece.index,
+                    "word": piece.word,
+                    "start": piece.start,
+                    "end": piece.end,
+                }
+            )
         if aggregation == "none":
             return [entity for entity in tagged if entity["entity"] not in ignore_labels]
     else:
         tagged = [_word(word, scores, labels, tokenizer, aggregation) for word in _words(pieces)]
     groups = [_group(run, tokenizer) for run in _runs(tagged)]
     return [group for group in groups if group["entity_group"] not in ignore_labels]
+
+
+def _argmax(values: list[float]) -> int:
+    """The index of the first largest value (as numpy's and torch's argmax)."""
+    return max(range(len(values)), key=values.__getitem__)
 
 
 def _words(pieces: list[Piece]) -> list[list[Piece]]:
@@ -132,19 +139,19 @@ def _words(pieces: list[Piece]) -> list[list[Piece]]:
     return words
 
 
-def _word(word: list[Piece], scores: torch.Tensor, labels, tokenizer, aggregation: str) -> dict:
+def _word(word: list[Piece], scores: list[list[float]], labels, tokenizer, aggregation: str) -> dict:
     """One label for a word's pieces: the first piece's, the most confident piece's, or their mean's."""
-    rows = scores[[piece.index for piece in word]]  # [pieces, labels]
+    rows = [scores[piece.index] for piece in word]  # [pieces][labels]
     if aggregation == "first":
         chosen = rows[0]
     elif aggregation == "max":
-        chosen = rows[int(rows.max(dim=-1).values.argmax())]
+        chosen = max(rows, key=max)  # the first piece with the highest score
     else:
-        chosen = rows.mean(dim=0)
-    best = int(chosen.argmax())
+        chosen = [sum(column) / len(rows) for column in zip(*rows, strict=True)]
+    best = _argmax(chosen)
     return {
         "entity": labels[best],
-        "score": chosen[best].item(),
+        "score": chosen[best],
         "word": tokenizer.convert_tokens_to_string([piece.word for piece in word]),
         "start": word[0].start,
         "end": word[-1].end,
