@@ -24,7 +24,7 @@ from loraplex.errors import install_error_handlers
 from loraplex.metrics import Metrics
 from loraplex.middleware import ServingMiddleware
 from loraplex.openapi import install_openapi
-from loraplex.routes import adapters, classify, docs, embed, health, rerank, tokens
+from loraplex.routes import adapters, answer, classify, docs, embed, health, rerank, tokens
 from loraplex.settings import Settings
 
 log = logging.getLogger("loraplex.app")
@@ -53,6 +53,7 @@ def create_app(settings: Settings, *, engine_factory: Callable[..., Engine] = En
     app.include_router(classify.router)
     app.include_router(embed.router)
     app.include_router(rerank.router)
+    app.include_router(answer.router)
     app.include_router(tokens.router)
     app.include_router(adapters.router)
     app.include_router(docs.router)

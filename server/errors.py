@@ -64,7 +64,7 @@ def describe_validation(errors: list[dict]) -> str:
             message = "is not a field of this request"
         else:
             message = str(err.get("msg", "is not valid")).removeprefix("Value error, ")
-        joiner = "" if message.startswith("[") else " " if kind in _SENTENCES else ": "
+        joiner = "" if message.startswith(("[", ".")) else " " if kind in _SENTENCES else ": "
         parts.append(f"{where}{joiner}{message}")
     more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
     return "Invalid request: " + "; ".join(parts) + more + "."

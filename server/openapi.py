@@ -80,6 +80,23 @@ _RERANKED = {
         {"index": 0, "score": 0.0214, "truncated": False, "text": _RERANK["texts"][0]},
     ],
 }
+# A QUESTION_ANS adapter fine-tuned for extractive answers (SQuAD-style).
+_TIMETABLE = "The train to Berlin leaves at 9:15 from platform 2."
+_ANSWER = {
+    "adapter_id": "squad",
+    "inputs": [
+        {"question": "When does the train leave?", "context": _TIMETABLE},
+        {"question": "Where does it leave from?", "context": _TIMETABLE},
+    ],
+}
+_ANSWERED = {
+    "adapter_id": "squad",
+    "adapter_version": "5b1e0c93d2a4",
+    "results": [
+        [{"answer": "9:15", "score": 0.8731, "start": 30, "end": 34}],
+        [{"answer": "platform 2", "score": 0.7904, "start": 40, "end": 50}],
+    ],
+}
 # A TOKEN_CLS adapter with the labels O, B-PER, I-PER, B-LOC, I-LOC (the embedded model is uncased).
 _TOKENS = {"adapter_id": "ner", "inputs": ["Angela Merkel visited Paris last week."], "aggregation": "simple"}
 _TOKENED = {
@@ -114,6 +131,7 @@ EXAMPLES: dict[tuple[str, str], dict] = {
     ("/v1/embeddings", "post"): {"request": _OPENAI_EMBED, "200": _OPENAI_EMBEDDED},
     ("/rerank", "post"): {"request": _RERANK, "200": _RERANKED},
     ("/tokens", "post"): {"request": _TOKENS, "200": _TOKENED},
+    ("/answer", "post"): {"request": _ANSWER, "200": _ANSWERED},
     ("/adapters", "get"): {"200": {"adapters": [_INFO]}},
     ("/adapters/{adapter_id}", "put"): {
         "request": _UPLOAD,

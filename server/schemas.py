@@ -149,6 +149,53 @@ class RerankRequest(BaseModel):
         return check_inputs(value, pairs=False)
 
 
+QA_SCHEMA = {
+    "type": "object",
+    "properties": {"question": TEXT_SCHEMA, "context": TEXT_SCHEMA},
+    "required": ["question", "context"],
+    "additionalProperties": False,
+}
+QA_INPUTS_SCHEMA = {
+    "anyOf": [QA_SCHEMA, {"type": "array", "items": QA_SCHEMA, "minItems": 1}],
+    "description": 'one {"question": ..., "context": ...} object or a list of 1..max_client_batch of them; '
+    "no text is empty or contains NUL",
+}
+Stride = Annotated[int, Field(ge=0), BeforeValidator(_whole)]
+
+
+class AnswerRequest(BaseModel):
+    """/answer: questions answered by spans of their contexts, as Hugging Face's question-answering
+    pipeline answers them."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    adapter_id: Annotated[str, WithJsonSchema(ADAPTER_ID_SCHEMA)] = Field(
+        max_length=64, description="a QUESTION_ANS adapter"
+    )
+    inputs: Annotated[Any, WithJsonSchema(QA_INPUTS_SCHEMA)]
+    top_k: Count = Field(1, description="the k best answers per input, best first")
+    doc_stride: Stride = Field(
+        128, description="tokens that consecutive windows of a long context share; below the room per window"
+    )
+    max_answer_len: Count = Field(15, description="longest answer, in tokens")
+    max_question_len: Count = Field(64, description="a longer question is cut to this many tokens")
+    max_seq_len: Count | None = Field(
+        None, description="tokens per window (question, context slice, special tokens); default: the model's"
+    )
+    handle_impossible_answer: bool = Field(
+        False, description='rank the null answer ("", start 0, end 0) with the spans'
+    )
+
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def _pairs(cls, value: object) -> object:
+        return check_qa_inputs(value)
+
+    def pairs(self) -> list[tuple[str, str]]:
+        items = [self.inputs] if isinstance(self.inputs, dict) else self.inputs
+        return [(item["question"], item["context"]) for item in items]
+
+
 def check_inputs(value: object, *, pairs: bool) -> object:
     """Texts (and with `pairs`, [text, text_pair] items) that are non-empty, NUL-free valid Unicode."""
     texts = [value] if isinstance(value, str) else value
@@ -165,6 +212,28 @@ def check_inputs(value: object, *, pairs: bool) -> object:
                 _check_text(text, f"{where.rstrip()}[{j}] " if where else f"[{j}] ")
         else:
             _check_text(item, where)
+    return value
+
+
+def check_qa_inputs(value: object) -> object:
+    """One {"question", "context"} object or a non-empty list of them; both texts as `check_inputs` wants."""
+    items = [value] if isinstance(value, dict) else value
+    shape = '{"question": ..., "context": ...} object'
+    if not isinstance(items, list):
+        raise ValueError(f"must be a {shape} or a list of them, not {_json_type(value)}")
+    if not items:
+        raise ValueError("is an empty list; send at least one question")
+    for i, item in enumerate(items):
+        where = "" if isinstance(value, dict) else f"[{i}]"
+        if not isinstance(item, dict):
+            raise ValueError(f"{where} must be a {shape}, not {_json_type(item)}")
+        extra = sorted(set(item) - {"question", "context"})
+        if extra:
+            raise ValueError(f"{where}.{extra[0][:40]} is not a field of an input; send question and context")
+        for name in ("question", "context"):
+            if name not in item:
+                raise ValueError(f"{where}.{name} is required")
+            _check_text(item[name], f"{where}.{name} ")
     return value
 
 
@@ -202,6 +271,21 @@ class ClassifyResponse(BaseModel):
     adapter_id: str
     adapter_version: str = Field(description="the adapter version that computed every result")
     results: list[ClassifyResult] = Field(description="one per input, in input order")
+
+
+class Answer(BaseModel):
+    answer: str = Field(description="the span of the context; empty for the null answer")
+    score: float = Field(description="p_start * p_end (the null answer: of the CLS token)")
+    start: int = Field(description="first character of the span in the context")
+    end: int = Field(description="one past its last character (the null answer: 0 and 0)")
+
+
+class AnswerResponse(BaseModel):
+    adapter_id: str
+    adapter_version: str = Field(description="the adapter version that computed every result")
+    results: list[list[Answer]] = Field(
+        description="per input, in input order: up to top_k answers, best first"
+    )
 
 
 class TokenEntity(BaseModel):

@@ -233,6 +233,28 @@ class Entities:
 
 
 @dataclass(frozen=True)
+class Answer:
+    answer: str  # the span of the context; "" for the null answer
+    score: float  # p_start * p_end
+    start: int  # character offsets in the context; 0 and 0 for the null answer
+    end: int
+
+
+@dataclass(frozen=True)
+class Answers:
+    adapter_id: str
+    adapter_version: str
+    results: list[list[Answer]]  # per input, in input order: up to top_k answers, best first
+    raw: dict = field(repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, body: dict) -> Answers:
+        rows = body["results"]
+        results = [[Answer(a["answer"], a["score"], a["start"], a["end"]) for a in row] for row in rows]
+        return cls(body["adapter_id"], body["adapter_version"], results, body)
+
+
+@dataclass(frozen=True)
 class AdapterInfo:
     adapter_id: str
     version: str
@@ -313,6 +335,19 @@ def _tokens_call(adapter_id: str, inputs: str | list[str], aggregation: str, **o
     body = {"adapter_id": adapter_id, "inputs": inputs, "aggregation": aggregation}
     body |= {name: value for name, value in options.items() if value is not None}
     return _Call("POST", "/tokens", lambda r: Entities.from_json(r.json()), adapter_id=adapter_id, json=body)
+
+
+def _answer_call(adapter_id: str, question: str | list, context: str | None, **options) -> _Call:
+    if isinstance(question, str):
+        if context is None:
+            raise TypeError("answer() takes a question and its context, or a list of (question, context).")
+        inputs: dict | list = {"question": question, "context": context}
+    else:
+        pairs = [(p["question"], p["context"]) if isinstance(p, dict) else p for p in question]
+        inputs = [{"question": q, "context": c} for q, c in pairs]
+    body = {"adapter_id": adapter_id, "inputs": inputs}
+    body |= {name: value for name, value in options.items() if value is not None}
+    return _Call("POST", "/answer", lambda r: Answers.from_json(r.json()), adapter_id=adapter_id, json=body)
 
 
 def _upload_call(adapter_id: str, config: bytes, weights: bytes, labels: str | list[str] | None) -> _Call:
@@ -472,6 +507,19 @@ class Client(_Base):
         options["truncation_direction"] = truncation_direction
         return self._send(_tokens_call(adapter_id, inputs, aggregation, **options))
 
+    def answer(
+        self, adapter_id: str, question: str | list, context: str | None = None, *, top_k: int | None = None,
+        doc_stride: int | None = None, max_answer_len: int | None = None, max_question_len: int | None = None,
+        max_seq_len: int | None = None, handle_impossible_answer: bool | None = None,
+    ) -> Answers:  # fmt: skip
+        """Spans of `context` that answer `question` (or of each context of a list of (question, context)
+        pairs or {"question", "context"} dicts) from a question-answering adapter; `.results[i]` holds input
+        i's up to top_k answers, best first."""
+        options = dict(top_k=top_k, doc_stride=doc_stride, max_answer_len=max_answer_len,
+                       max_question_len=max_question_len, max_seq_len=max_seq_len,
+                       handle_impossible_answer=handle_impossible_answer)  # fmt: skip
+        return self._send(_answer_call(adapter_id, question, context, **options))
+
     def upload(self, adapter_id: str, source: str | os.PathLike[str] | Any, *, labels: list[str] | None = None
                ) -> AdapterInfo:  # fmt: skip
         """Create or replace an adapter from a PEFT directory (adapter_config.json, adapter_model.safetensors,
@@ -553,6 +601,16 @@ class AsyncClient(_Base):
         options = dict(ignore_labels=ignore_labels, truncate=truncate)
         options["truncation_direction"] = truncation_direction
         return await self._send(_tokens_call(adapter_id, inputs, aggregation, **options))
+
+    async def answer(
+        self, adapter_id: str, question: str | list, context: str | None = None, *, top_k: int | None = None,
+        doc_stride: int | None = None, max_answer_len: int | None = None, max_question_len: int | None = None,
+        max_seq_len: int | None = None, handle_impossible_answer: bool | None = None,
+    ) -> Answers:  # fmt: skip
+        options = dict(top_k=top_k, doc_stride=doc_stride, max_answer_len=max_answer_len,
+                       max_question_len=max_question_len, max_seq_len=max_seq_len,
+                       handle_impossible_answer=handle_impossible_answer)  # fmt: skip
+        return await self._send(_answer_call(adapter_id, question, context, **options))
 
     async def upload(self, adapter_id: str, source: str | os.PathLike[str] | Any, *,
                      labels: list[str] | None = None) -> AdapterInfo:  # fmt: skip
