@@ -1,6 +1,6 @@
 """Token classification answers as Hugging Face's `token-classification` pipeline gives them.
 
-    pieces = token_pieces(tokenizer, texts, max_length, direction="right")  # on the tokenizer thread
+    pieces = token_pieces(tokenizer, texts, max_length)  # on the tokenizer thread, as the rows are cut
     found = entities(pieces[i], logits, labels, tokenizer, "simple", ["O"])  # logits: [tokens, labels]
 
 A token's scores are the softmax over the adapter's labels. Special tokens are skipped. With aggregation
@@ -20,7 +20,6 @@ import torch
 
 from loraplex.adapters.errors import InvalidInputError
 
-AGGREGATIONS = ("none", "simple", "first", "average", "max")
 WORD_AGGREGATIONS = ("first", "average", "max")  # need a tokenizer that knows word boundaries
 
 
