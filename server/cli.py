@@ -14,6 +14,7 @@ commands:
   classify    classify texts (arguments, stdin, or a text, CSV or JSONL file) with an adapter
   embed       embed texts with a FEATURE_EXTRACTION adapter or the base model
   rerank      order texts by relevance to a query with a cross-encoder adapter
+  tokens      find entities in texts with a token-classification adapter
 
 options:
   -h, --help  show this help and exit
@@ -23,7 +24,7 @@ options:
 """
 
 
-CLIENT_COMMANDS = ("adapters", "classify", "embed", "rerank")  # loraplex.client_cli's
+CLIENT_COMMANDS = ("adapters", "classify", "embed", "rerank", "tokens")  # loraplex.client_cli's
 
 
 def version() -> str:

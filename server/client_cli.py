@@ -1,4 +1,4 @@
-"""`loraplex adapters push|ls|show|rm`, `classify`, `embed`, `rerank`: the Python client from the shell.
+"""`loraplex adapters push|ls|show|rm`, `classify`, `embed`, `rerank`, `tokens`: the client from the shell.
 
     loraplex adapters push tweet-sentiment adapters/demo/tweet-sentiment
     loraplex adapters ls
@@ -7,16 +7,17 @@
     cat tweets.txt | loraplex classify tweet-sentiment -                    # one text per line
     loraplex embed --base "what a lovely day"
     loraplex rerank my-reranker --query "cheap flights" "flights under 50 euros" "hotel deals"
+    loraplex tokens my-ner "Angela Merkel met Emmanuel Macron in Paris" --aggregation first
     loraplex adapters rm tweet-sentiment
 
 Texts are the TEXT arguments, or the lines of stdin (`-`) or of a FILE; a CSV or JSONL file (or stdin with
 `--format`) gives the texts of one column (`--column`). Many texts are sent in requests of at most the
 server's `max_client_batch` inputs (read from its /openapi.json, else 32), one after another, and printed in
 input order. The server is `--url`, else $LORAPLEX_URL, else http://127.0.0.1:8000. Tokens come from the
-server's own variables: $LORAPLEX_API_KEY (classify, embed, rerank, ls, show) and $LORAPLEX_ADMIN_TOKEN
-(push, rm). Output is a table for people, or JSON with `--json`: the server's answer for TEXT arguments,
-one JSON object a line for the texts of stdin or a file (printed as each request is answered). Exit codes:
-0 done, 1 the server refused or could not be reached, 2 a usage error or unreadable local input.
+server's own variables: $LORAPLEX_ADMIN_TOKEN for push and rm, $LORAPLEX_API_KEY for the rest. Output is a
+table for people, or JSON with `--json`: the server's answer for TEXT arguments, one JSON object a line for
+the texts of stdin or a file (printed as each request is answered). Exit codes: 0 done, 1 the server refused
+or could not be reached, 2 a usage error or unreadable local input.
 """
 
 from __future__ import annotations
@@ -134,6 +135,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     rerank.add_argument("texts", metavar="TEXT", nargs="+", help=about_texts)
     rerank.add_argument("--query", required=True, help="what the texts are ranked against")
     rerank.add_argument("--top-n", type=int, help="print only the n best texts (default: all)")
+
+    tokens = _parser(
+        commands, "tokens", parents=[common, texts], help="find entities in texts (token classification)"
+    )
+    tokens.add_argument("adapter_id", metavar="ID")
+    tokens.add_argument("texts", metavar="TEXT", nargs="+", help=about_texts)
+    tokens.add_argument(
+        "--aggregation",
+        choices=("none", "simple", "first", "average", "max"),
+        default="simple",
+        help="how word pieces become entities, as Hugging Face's token-classification pipeline does",
+    )
+    tokens.add_argument(
+        "--ignore-labels", help="comma-separated labels never reported as entities (default: the server's, O)"
+    )
 
     args = parser.parse_args(argv)
     if args.command == "embed":
@@ -397,6 +413,39 @@ def rerank(args: argparse.Namespace, client: Client, texts: list[str], p: Printe
         p.done(_heading(args.adapter_id, p.versions) + "\n" + table(("RANK", "SCORE", "INDEX", "TEXT"), rows))
 
 
+def tokens(args: argparse.Namespace, client: Client, texts: list[str], p: Printer) -> None:
+    ignore = (
+        None
+        if args.ignore_labels is None
+        else [s.strip() for s in args.ignore_labels.split(",") if s.strip()]
+    )
+
+    def send(chunk: list[str]) -> Any:
+        return client.tokens(args.adapter_id, chunk, args.aggregation, ignore_labels=ignore)
+
+    results: list[list[dict]] = []
+    for start, answer in in_chunks(args, texts, "/tokens", "inputs", send):
+        p.version(answer.adapter_version)
+        for i, entities in enumerate(answer.raw["results"], start):
+            if p.lines:
+                p.line({"index": i, "text": texts[i], "entities": entities,
+                        "adapter_version": answer.adapter_version})  # fmt: skip
+            results.append(entities)
+    if p.lines:
+        return
+    if p.as_json:
+        return p.done({"adapter_id": args.adapter_id, "adapter_version": p.versions[0], "results": results})
+    rows = []
+    for i, entities in enumerate(results):
+        for e in entities:
+            start, end = ("-" if e[k] is None else str(e[k]) for k in ("start", "end"))
+            rows.append(
+                (str(i), e.get("entity_group", e.get("entity")), f"{e['score']:.4f}", start, end, e["word"])
+            )
+    header = ("INPUT", "LABEL", "SCORE", "START", "END", "WORD")
+    p.done(_heading(args.adapter_id, p.versions) + "\n" + (table(header, rows) if rows else "no entities"))
+
+
 def adapters(args: argparse.Namespace, client: Client, p: Printer) -> None:
     if args.action == "push":
         labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
@@ -418,7 +467,7 @@ def adapters(args: argparse.Namespace, client: Client, p: Printer) -> None:
     p.done({"deleted": args.adapter_id} if args.json else f"deleted {args.adapter_id}")
 
 
-TEXT_COMMANDS = {"classify": classify, "embed": embed, "rerank": rerank}
+TEXT_COMMANDS = {"classify": classify, "embed": embed, "rerank": rerank, "tokens": tokens}
 
 
 def run(args: argparse.Namespace, client: Client, out: TextIO, stdin: TextIO) -> None:

@@ -21,6 +21,7 @@ from tests.task_support import save_task_adapter
 LIMIT = 4  # the server's max_client_batch: 10 texts take three requests
 TEXTS = [f"review number {i}: {word}" for i, word in enumerate(
     ["great", "awful", "fine", "superb", "broken", "meh", "lovely", "late", "perfect", "cold"])]  # fmt: skip
+NER = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
 LONG = " ".join(f"word{i}" for i in range(600))  # over the model's 512 tokens
 
 
@@ -31,6 +32,7 @@ def adapters(tmp_path_factory) -> dict:
         "sent": save_peft_adapter(root / "sent", num_labels=3, seed=0, labels=["neg", "neu", "pos"]),
         "ranker": save_peft_adapter(root / "ranker", num_labels=1, seed=1, labels=["relevant"]),
         "vectors": save_task_adapter(root / "vectors", "FEATURE_EXTRACTION", seed=2),
+        "ner": save_task_adapter(root / "ner", "TOKEN_CLS", num_labels=5, seed=3, labels=NER),
     }
 
 
@@ -247,11 +249,43 @@ def test_rerank_merges_the_chunks_into_one_order(srv, capsys, monkeypatch):
     assert code == 1 and "HTTP 422" in err and "Traceback" not in err
 
 
+def test_tokens_in_chunks_and_as_a_table(srv, capsys, monkeypatch):
+    texts = ["Angela Merkel met Emmanuel Macron in Paris", *TEXTS[:5]]
+    with Client(srv.url) as client:
+        expected = [client.tokens("ner", texts[i : i + LIMIT], "none").raw["results"] for i in (0, LIMIT)]
+    expected = expected[0] + expected[1]
+    code, out, err = run(capsys, monkeypatch, "tokens", "ner", "-", "--aggregation", "none", "--json",
+                         "--url", srv.url, stdin="\n".join(texts))  # fmt: skip
+    assert code == 0, err
+    lines = json_lines(out)
+    assert [line["text"] for line in lines] == texts and [line["index"] for line in lines] == list(range(6))
+    for line, entities in zip(lines, expected, strict=True):
+        assert [(e["entity"], e["word"], e["start"]) for e in line["entities"]] == [
+            (e["entity"], e["word"], e["start"]) for e in entities
+        ]
+        assert [e["score"] for e in line["entities"]] == pytest.approx(
+            [e["score"] for e in entities], abs=1e-6
+        )
+    assert sum(map(len, expected)) > 0
+
+    code, out, err = run(capsys, monkeypatch, "tokens", "ner", *texts, "--aggregation", "none",
+                         "--ignore-labels", "", "--url", srv.url)  # fmt: skip
+    heading, header, *rows = out.splitlines()
+    assert code == 0 and heading.startswith("adapter ner version ")
+    assert header.split() == ["INPUT", "LABEL", "SCORE", "START", "END", "WORD"]
+    with Client(srv.url) as client:
+        everything = client.tokens("ner", texts[:1], "none", ignore_labels=[]).results[0]
+    first = [row.split() for row in rows if row.split()[0] == "0"]  # every token of input 0, O included
+    assert [row[1:3] for row in first] == [[e.label, f"{e.score:.4f}"] for e in everything] and everything
+    code, _, err = run(capsys, monkeypatch, "tokens", "sent", "hello", "--url", srv.url)
+    assert code == 1 and "HTTP 422" in err and "Traceback" not in err
+
+
 # --------------------------------------------------------------------------------- --version and --help
 
 COMMANDS = [
     ["serve"], ["train"], ["adapters"], ["adapters", "push"], ["adapters", "ls"], ["adapters", "show"],
-    ["adapters", "rm"], ["classify"], ["embed"], ["rerank"],
+    ["adapters", "rm"], ["classify"], ["embed"], ["rerank"], ["tokens"],
 ]  # fmt: skip
 
 
