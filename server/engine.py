@@ -22,7 +22,7 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from loraplex.adapters.errors import InvalidAdapterError, InvalidInputError
-from loraplex.adapters.peft import FEATURE_EXTRACTION, SEQ_CLS, AdapterWeights, BaseSpec
+from loraplex.adapters.peft import FEATURE_EXTRACTION, QUESTION_ANS, SEQ_CLS, AdapterWeights, BaseSpec
 from loraplex.heads import head_tensors
 from loraplex.model import MultiLoraModel
 from loraplex.models import family_for
@@ -190,7 +190,12 @@ class Engine:
         positions = torch.arange(longest)[None, :]  # [1, T]
         mask = positions < lengths[:, None]  # [B, T]
         # Token type 1 from each pair's second text on; single texts (and families without types): 0.
-        starts = [getattr(row, "type_start", len(row)) for row in token_ids]
+        # QUESTION_ANS rows keep type 0 throughout: PEFT's question-answering model does not pass token
+        # types to the encoder, so that is how those adapters were trained and what PEFT answers.
+        starts = [
+            len(row) if self.slot_task[s] == QUESTION_ANS else getattr(row, "type_start", len(row))
+            for row, s in zip(token_ids, slots, strict=True)
+        ]
         types = None
         if any(s < len(row) for s, row in zip(starts, token_ids, strict=True)):
             types = ((positions >= torch.tensor(starts)[:, None]) & mask).long()  # [B, T]
