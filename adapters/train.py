@@ -1,25 +1,26 @@
-"""`loraplex train`: fine-tune a PEFT LoRA classification adapter on the base model the server uses.
+"""`loraplex train`: fine-tune a PEFT LoRA adapter of any encoder task on the base model the server uses.
 
-Reads a CSV or JSONL file of (text, label) rows, trains LoRA matrices on the chosen linear layers plus a
-new classification head, reports accuracy and macro-F1 on a held-out split, and writes a directory the
-server accepts as is:
+`--task` says what the adapter does (`loraplex.adapters.train_tasks`): seq-cls (one label per text, the
+default), pairs (one label per pair of texts), multi-label, regression, tokens (a tag per word) or qa
+(extractive question answering). It reads the task's data (`loraplex.adapters.train_data`: CSV, TSV or
+JSONL rows, SQuAD JSON for qa), trains LoRA matrices on the chosen linear layers plus a new head, reports
+validation figures next to a trivial baseline, and writes a directory the server accepts as is:
 
-    OUT/adapter_config.json         PEFT's own save_pretrained files
-    OUT/adapter_model.safetensors
+    OUT/adapter_config.json         PEFT's own save_pretrained files (with problem_type for multi-label
+    OUT/adapter_model.safetensors   and regression), the head saved whole in modules_to_save
     OUT/labels.json                 label names in head order, e.g. ["negative", "neutral", "positive"]
     OUT/metrics.json                validation metrics, training figures and the settings used
     OUT/README.md                   the same, for people
 
-Data problems (unreadable file, missing columns, empty texts, a single class) exit with code 2 and a
-message saying what to fix, before any model is loaded. A weak result (see `weak_result`) exits with code
-3 and writes nothing, unless --allow-weak. PEFT and tqdm come from the `train` extra and are
-imported only here.
+Data problems (unreadable file, missing columns, empty texts, a single class, tags that do not match the
+words, an answer that is not at its offset) exit with code 2 and a message naming the row and field,
+before any model is loaded. A weak result (see `weak_result`) exits with code 3 and writes nothing, unless
+--allow-weak. PEFT and tqdm come from the `train` extra and are imported only here.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import random
@@ -27,212 +28,68 @@ import shlex
 import sys
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
+from loraplex.adapters.train_data import (
+    TASKS,
+    Examples,
+    TrainingDataError,
+    check_validation,
+    choose_labels,
+    label_counts,
+    missing_labels,
+    read_examples,
+    split_examples,
+)
+from loraplex.adapters.train_tasks import (
+    BASELINES,
+    HEADLINES,
+    PROBLEM_TYPES,
+    TASK_TYPES,
+    chance_loss,
+    classification_metrics,
+    collate_targets,
+    evaluate,
+    featurize,
+    head_kwargs,
+    logits_of,
+    loss_of,
+    weak_reasons,
+)
 from loraplex.cli import DefaultsHelpFormatter, add_version
 
-DATA_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
+__all__ = [
+    "Examples",
+    "TrainingDataError",
+    "choose_labels",
+    "classification_metrics",
+    "default_batch_size",
+    "main",
+    "planned_steps",
+    "read_examples",
+    "split_examples",
+    "weak_result",
+]
+
 SCHEDULES = ("linear", "cosine", "constant")
 DEFAULT_EPOCHS = 3.0
 DEFAULT_MIN_STEPS = 200
-WEAK_LOSS_FRACTION = 0.9  # a final loss at or above this fraction of ln(num_labels) learned next to nothing
-EVALUATIONS = 10  # validation accuracy measured this many times while training, for the progress bar
+WEAK_LOSS_FRACTION = 0.9  # a final loss at or above this fraction of a chance guess's learned next to nothing
+EVALUATIONS = 10  # validation figures measured this many times while training, for the progress bar
 EVALUATION_ROWS = 1000  # on at most this many validation rows; the final figures use them all
 EMBEDDED_MODEL = "all-MiniLM-L6-v2 (embedded)"
 EMBEDDED_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what the embedded weights are
+WHAT = {
+    "seq-cls": "classification",
+    "pairs": "text-pair classification",
+    "multi-label": "multi-label classification",
+    "regression": "regression",
+    "tokens": "token classification",
+    "qa": "question-answering",
+}
 
 
-class TrainingDataError(ValueError):
-    """Training or validation data that cannot be used as given; the message says what to change."""
-
-
-@dataclass(frozen=True)
-class Examples:
-    texts: list[str]
-    labels: list[str]
-
-
-# ---------------------------------------------------------------------------------------------------- data
-
-
-def read_examples(
-    path: str | Path,
-    *,
-    text_column: str = "text",
-    label_column: str = "label",
-    fmt: str | None = None,
-    encoding: str = "utf-8",
-) -> Examples:
-    """All (text, label) rows of a CSV/TSV/JSONL file; raises TrainingDataError naming the bad row."""
-    path = Path(path)
-    fmt = fmt or DATA_FORMATS.get(path.suffix.lower())
-    if fmt is None:
-        raise TrainingDataError(
-            f"cannot tell the format of {path} from its extension; "
-            "name it .csv, .tsv or .jsonl, or pass --format."
-        )
-    try:
-        with path.open(encoding=encoding, newline="") as f:
-            rows = list(_jsonl_rows(f, path) if fmt == "jsonl" else _csv_rows(f, path, fmt))
-    except FileNotFoundError:
-        raise TrainingDataError(f"{path} does not exist.") from None
-    except IsADirectoryError:
-        raise TrainingDataError(f"{path} is a directory; pass a .csv or .jsonl file.") from None
-    except PermissionError:
-        raise TrainingDataError(f"{path} cannot be read: permission denied.") from None
-    except UnicodeDecodeError as e:
-        raise TrainingDataError(
-            f"{path} is not valid {encoding} (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
-            f"pass --encoding with the file's encoding, e.g. --encoding latin-1."
-        ) from None
-    except csv.Error as e:
-        raise TrainingDataError(f"{path} is not a readable CSV file: {e}.") from None
-    if not rows:
-        raise TrainingDataError(f"{path} has no data rows.")
-
-    where, first = rows[0]
-    missing = [c for c in (text_column, label_column) if c not in first]
-    if missing:
-        option = {text_column: "--text-column", label_column: "--label-column"}
-        found = ", ".join(repr(k) for k in first) or "none"
-        raise TrainingDataError(
-            f"{path} has no column {missing[0]!r} ({where}); its columns are {found}. "
-            f"Pass {option[missing[0]]} to choose one."
-        )
-    texts, labels = [], []
-    empty_texts, no_labels = [], []
-    for where, row in rows:
-        text, label = row.get(text_column), row.get(label_column)
-        if not isinstance(text, str) or not text.strip():
-            empty_texts.append(where)
-        if label is None or isinstance(label, (dict, list)) or str(label).strip() == "":
-            no_labels.append(where)
-        texts.append(text if isinstance(text, str) else "")
-        labels.append(str(label).strip() if label is not None else "")
-    for problem, places, fix in (
-        (f"an empty {text_column!r}", empty_texts, "fill in or remove these rows"),
-        (f"no {label_column!r} value", no_labels, "label or remove these rows"),
-    ):
-        if places:
-            shown = ", ".join(places[:5]) + (f" and {len(places) - 5} more" if len(places) > 5 else "")
-            raise TrainingDataError(f"{path}: {len(places)} row(s) have {problem} ({shown}); {fix}.")
-    return Examples(texts, labels)
-
-
-def _csv_rows(f, path: Path, fmt: str):
-    reader = csv.DictReader(f, delimiter="\t" if fmt == "tsv" else ",")
-    if reader.fieldnames is None:
-        return
-    for row in reader:
-        if None in row:
-            raise TrainingDataError(
-                f"{path} line {reader.line_num} has more fields than the header ({len(reader.fieldnames)}); "
-                "quote texts that contain the delimiter."
-            )
-        yield f"line {reader.line_num}", row
-
-
-def _jsonl_rows(f, path: Path):
-    for number, line in enumerate(f, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TrainingDataError(
-                f"{path} line {number} is not valid JSON ({e.msg}); write one object per line."
-            ) from None
-        if not isinstance(row, dict):
-            raise TrainingDataError(f"{path} line {number} is a JSON {type(row).__name__}, not an object.")
-        yield f"line {number}", row
-
-
-def choose_labels(examples: Examples, wanted: list[str] | None) -> tuple[Examples, list[str], int]:
-    """(examples restricted to the label set, labels in head order, rows dropped).
-
-    Head order is `wanted` when given, else the sorted label names (numerically if all are integers)."""
-    present = set(examples.labels)
-    if wanted:
-        unknown = [lab for lab in wanted if lab not in present]
-        if unknown:
-            raise TrainingDataError(
-                f"--labels names {', '.join(map(repr, unknown))}, which no row has; "
-                f"the data's labels are {', '.join(map(repr, _sorted_labels(present)))}."
-            )
-        if len(set(wanted)) != len(wanted):
-            raise TrainingDataError("--labels names a label twice; list each label once.")
-        labels = list(wanted)
-    else:
-        labels = _sorted_labels(present)
-    if len(labels) < 2:
-        raise TrainingDataError(
-            f"the data has only one label ({labels[0]!r}); a classifier needs rows of at least two labels."
-        )
-    keep = [i for i, lab in enumerate(examples.labels) if lab in set(labels)]
-    kept = Examples([examples.texts[i] for i in keep], [examples.labels[i] for i in keep])
-    return kept, labels, len(examples.labels) - len(keep)
-
-
-def _sorted_labels(labels: set[str]) -> list[str]:
-    if all(lab.lstrip("-").isdigit() for lab in labels):
-        return sorted(labels, key=int)
-    return sorted(labels)
-
-
-def split_examples(examples: Examples, validation: float, seed: int) -> tuple[Examples, Examples]:
-    """(train, validation): a seeded shuffle, then the first `validation` rows (a count if >= 1, else a
-    fraction) are held out. The same call always gives the same split."""
-    n = len(examples.texts)
-    size = int(validation) if validation >= 1 else round(n * validation)
-    if validation > 0 and size < 1:
-        size = 1
-    if size >= n:
-        raise TrainingDataError(
-            f"a validation split of {validation:g} leaves no training rows out of {n}; pass a smaller "
-            "--validation-split."
-        )
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    held, rest = order[:size], order[size:]
-
-    def pick(idx: list[int]) -> Examples:
-        return Examples([examples.texts[i] for i in idx], [examples.labels[i] for i in idx])
-
-    return pick(rest), pick(held)
-
-
-# ------------------------------------------------------------------------------------------------- metrics
-
-
-def classification_metrics(gold: list[int], pred: list[int], labels: list[str]) -> dict:
-    """Accuracy, macro-F1, per-label precision/recall/F1/support and the confusion matrix
-    (`confusion[g][p]` counts rows of gold label g predicted as p)."""
-    k = len(labels)
-    confusion = [[0] * k for _ in range(k)]
-    for g, p in zip(gold, pred, strict=True):
-        confusion[g][p] += 1
-    per_label, f1s = {}, []
-    for i, name in enumerate(labels):
-        tp = confusion[i][i]
-        predicted = sum(confusion[g][i] for g in range(k))
-        support = sum(confusion[i])
-        precision = tp / predicted if predicted else 0.0
-        recall = tp / support if support else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_label[name] = {"precision": precision, "recall": recall, "f1": f1, "support": support}
-        f1s.append(f1)
-    total = len(gold)
-    return {
-        "accuracy": sum(confusion[i][i] for i in range(k)) / total if total else 0.0,
-        "macro_f1": sum(f1s) / k,
-        "examples": total,
-        "per_label": per_label,
-        "confusion": confusion,
-    }
-
-
-# ------------------------------------------------------------------------------------------------ training
+# ------------------------------------------------------------------------------------------------ options
 
 
 def default_batch_size(train_rows: int) -> int:
@@ -250,22 +107,49 @@ def planned_steps(train_rows: int, batch_size: int, epochs: float | None, min_st
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="loraplex train",
-        description="Fine-tune a LoRA sequence-classification adapter (PEFT) on a CSV or JSONL file. "
+        description="Fine-tune a LoRA adapter (PEFT) of an encoder task (--task) on a CSV, JSONL or SQuAD "
+        "JSON file. "
         "Defaults follow the data size: batches of 8 rows below 256 training rows, 16 below 1024, else 32; "
         f"{DEFAULT_EPOCHS:g} epochs but at least --min-steps optimiser steps. A result no better than "
-        "always answering the most common label, or a final loss near ln(number of labels), exits with "
+        "the task's trivial baseline (e.g. always answering the most common label), or a final loss near "
+        "that of a guess (ln(number of labels) for a classifier), exits with "
         "code 3 and writes nothing unless --allow-weak.",
         formatter_class=DefaultsHelpFormatter,
     )
     add_version(p)
-    p.add_argument("data", help="training data: .csv, .tsv or .jsonl with a text and a label per row")
+    p.add_argument(
+        "data", help="training data: .csv, .tsv or .jsonl with a text and a label per row; SQuAD .json for qa"
+    )
     p.add_argument("-o", "--output", required=True, help="directory to write the adapter into")
     p.add_argument(
         "--overwrite", action="store_true", help="replace the files of an existing output directory"
     )
     d = p.add_argument_group("data")
-    d.add_argument("--text-column", default="text", help="column (CSV) or key (JSONL) holding the text")
-    d.add_argument("--label-column", default="label", help="column (CSV) or key (JSONL) holding the label")
+    d.add_argument(
+        "--task",
+        choices=TASKS,
+        default="seq-cls",
+        help="seq-cls: a label per text; pairs: a label per text pair; multi-label: labels per text; "
+        "regression: a number per text; tokens: a tag per word (JSONL); qa: extractive answers (SQuAD JSON)",
+    )
+    d.add_argument(
+        "--text-column",
+        help="column (CSV) or key (JSONL) holding the text, or the list of words for tokens "
+        "(default: text; tokens for --task tokens)",
+    )
+    d.add_argument(
+        "--text-pair-column", default="text_pair", help="pairs: column or key holding the second text"
+    )
+    d.add_argument(
+        "--label-column",
+        help="column (CSV) or key (JSONL) holding the label, the labels, the number, or the list of tags "
+        "(default: label; tags for --task tokens)",
+    )
+    d.add_argument(
+        "--label-separator",
+        default=",",
+        help="multi-label: what joins a row's labels in a CSV cell or JSONL string (a JSONL list needs none)",
+    )
     d.add_argument("--format", choices=("csv", "tsv", "jsonl"), help="default: from the file extension")
     d.add_argument("--encoding", default="utf-8", help="text encoding of the data files")
     d.add_argument(
@@ -281,6 +165,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     d.add_argument("--validation-file", help="validation data with the same columns (instead of a split)")
     d.add_argument("--max-length", type=int, default=128, help="tokens per text, [CLS] and [SEP] included")
+    d.add_argument(
+        "--doc-stride",
+        type=int,
+        help="qa: tokens that consecutive windows of a long context share "
+        "(default: a quarter of --max-length)",
+    )
+    d.add_argument("--max-answer-length", type=int, default=30, help="qa: the longest answer, in tokens")
     m = p.add_argument_group("model")
     m.add_argument("--model", help="base model directory or hub id (default: the embedded all-MiniLM-L6-v2)")
     m.add_argument("--rank", type=int, default=8, help="LoRA rank r")
@@ -329,8 +220,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--allow-weak",
         action="store_true",
-        help="write the adapter even when the result is weak (held-out accuracy no better than the most "
-        "common label, or a final loss near ln(number of labels)); without it such a run exits with code 3",
+        help="write the adapter even when the result is weak (held-out figures no better than the task's "
+        "trivial baseline, or a final loss near a guess's); without it such a run exits with code 3",
     )
     args = p.parse_args(argv)
     for name, ok, rule in (
@@ -345,40 +236,47 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         ("--warmup-ratio", 0 <= args.warmup_ratio < 1, "in [0, 1)"),
         ("--validation-split", args.validation_split >= 0, "0 or more"),
         ("--max-length", args.max_length >= 8, "at least 8"),
+        (
+            "--doc-stride",
+            args.doc_stride is None or 1 <= args.doc_stride < args.max_length,
+            "in [1, --max-length)",
+        ),
+        ("--max-answer-length", args.max_answer_length >= 1, "at least 1"),
     ):
         if not ok:
             p.error(f"{name} must be {rule}")
+    if args.doc_stride is None:
+        args.doc_stride = args.max_length // 4
+    tokens = args.task == "tokens"
+    args.text_column = args.text_column or ("tokens" if tokens else "text")
+    args.label_column = args.label_column or ("tags" if tokens else "label")
     return args
 
 
 def load_data(args: argparse.Namespace) -> tuple[Examples, Examples | None, list[str], int]:
-    """(train, validation or None, labels in head order, rows left out by --labels)."""
+    """(train, validation or None, labels in head order, rows left out or changed by --labels)."""
     read = {
+        "task": args.task,
         "text_column": args.text_column,
         "label_column": args.label_column,
+        "pair_column": args.text_pair_column,
+        "separator": args.label_separator,
         "fmt": args.format,
         "encoding": args.encoding,
     }
     wanted = [s.strip() for s in args.labels.split(",") if s.strip()] if args.labels else None
-    examples, labels, dropped = choose_labels(read_examples(args.data, **read), wanted)
+    examples, labels, dropped = choose_labels(
+        read_examples(args.data, **read), wanted, args.task, args.label_column
+    )
     if args.validation_file:
         train = examples
         validation = read_examples(args.validation_file, **read)
-        if wanted:
-            keep = [i for i, lab in enumerate(validation.labels) if lab in set(wanted)]
-            validation = Examples([validation.texts[i] for i in keep], [validation.labels[i] for i in keep])
-        if not validation.texts:
-            raise TrainingDataError(f"{args.validation_file} has no rows with a label from --labels.")
-        unknown = sorted(set(validation.labels) - set(labels))
-        if unknown:
-            raise TrainingDataError(
-                f"{args.validation_file} has labels the training data lacks: {', '.join(map(repr, unknown))}."
-            )
+        validation = check_validation(validation, labels, wanted, args.task, args.validation_file)
     elif args.validation_split > 0:
         train, validation = split_examples(examples, args.validation_split, args.seed)
     else:
         train, validation = examples, None
-    missing = [lab for lab in labels if lab not in set(train.labels)]
+    missing = missing_labels(train, labels, args.task)
     if missing:
         raise TrainingDataError(
             f"after the validation split no training row has label {missing[0]!r}; add rows of that label "
@@ -401,18 +299,23 @@ def _batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[li
     return batches
 
 
+# ------------------------------------------------------------------------------------------------ training
+
+
 def train(
     args: argparse.Namespace, train_set: Examples, validation: Examples | None, labels: list[str]
 ) -> dict:
     """Fine-tune, save the adapter into args.output and return the metrics report."""
     import torch
-    from peft import LoraConfig, TaskType, get_peft_model
+    from peft import LoraConfig, get_peft_model
     from tqdm import tqdm
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
+    from transformers import AutoTokenizer, get_scheduler
     from transformers.utils import logging as transformers_logging
 
-    from loraplex.models import family_for, head_modules
+    from loraplex.heads import task_heads
+    from loraplex.models import family_for
 
+    task, task_type = args.task, TASK_TYPES[args.task]
     model_dir = args.model or _default_model()
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -420,18 +323,21 @@ def train(
         raise TrainingDataError(f"--device {args.device!r} is not a torch device; use cpu or cuda.") from None
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    label_ids = {lab: i for i, lab in enumerate(labels)}
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if task == "tokens" and getattr(tokenizer, "add_prefix_space", None) is False:
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_dir, add_prefix_space=True
+        )  # words, as RoBERTa's BPE needs
+    if task in ("tokens", "qa") and not tokenizer.is_fast:
+        raise TrainingDataError(
+            f"--task {task} needs a fast tokenizer (word and character offsets); "
+            f"--model {model_dir} has none."
+        )
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()  # the new head's "missing weights" report is expected
     try:
-        base = AutoModelForSequenceClassification.from_pretrained(
-            model_dir,
-            num_labels=len(labels),
-            id2label=dict(enumerate(labels)),
-            label2id=label_ids,
-        )
+        base = _model_class(task_type).from_pretrained(model_dir, **head_kwargs(task, labels))
     finally:
         transformers_logging.set_verbosity(verbosity)
     try:
@@ -449,15 +355,16 @@ def train(
         targets = args.target_modules
     else:
         targets = [s.strip() for s in args.target_modules.split(",") if s.strip()]
+    stages = task_heads(family, base.config)[task_type]
     config = LoraConfig(
-        task_type=TaskType.SEQ_CLS,
+        task_type=task_type,
         r=args.rank,
         lora_alpha=args.alpha,
         lora_dropout=args.dropout,
         target_modules=targets,
         # The whole head is trained and saved, also the parts PEFT's default would leave at their random
         # initialisation (DistilBERT's pre_classifier, DeBERTa's pooler): the server needs every weight.
-        modules_to_save=head_modules(family, base.config),
+        modules_to_save=list(dict.fromkeys(s.path.split(".", 1)[0] for s in stages if hasattr(s, "path"))),
     )
     try:
         with warnings.catch_warnings():
@@ -471,28 +378,41 @@ def train(
     if args.model is None:  # name the base by its hub id, not by this machine's install path
         model.peft_config["default"].base_model_name_or_path = EMBEDDED_HUB_ID
 
-    def encode(texts: list[str]) -> list[list[int]]:
-        return tokenizer(texts, truncation=True, max_length=args.max_length)["input_ids"]
+    # Regression trains on z-scored targets; the scale is folded into the saved head afterwards.
+    scale = [0.0, 1.0]
+    if task == "regression":
+        values = train_set.labels
+        mean = sum(values) / len(values)
+        scale = [mean, math.sqrt(sum((y - mean) ** 2 for y in values) / len(values)) or 1.0]
 
-    def collate(ids: list[list[int]]) -> dict[str, torch.Tensor]:
+    def features(examples: Examples):
+        return featurize(task, tokenizer, examples, labels, args.max_length, args.doc_stride, tuple(scale))
+
+    def collate(feats, rows: list[int]) -> dict[str, torch.Tensor]:
+        ids = [feats.ids[i] for i in rows]
         width = max(map(len, ids))
         input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)  # [B, T]
         attention_mask = torch.zeros((len(ids), width), dtype=torch.long)  # [B, T]
-        for row, seq in enumerate(ids):
+        token_type_ids = torch.zeros((len(ids), width), dtype=torch.long)  # [B, T]
+        for row, (i, seq) in enumerate(zip(rows, ids, strict=True)):
             input_ids[row, : len(seq)] = torch.tensor(seq)
             attention_mask[row, : len(seq)] = 1
-        return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+            if feats.types is not None:
+                token_type_ids[row, : len(seq)] = torch.tensor(feats.types[i])
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if feats.types is not None:
+            inputs["token_type_ids"] = token_type_ids
+        return {name: t.to(device) for name, t in inputs.items()}
 
-    train_ids = encode(train_set.texts)
-    lengths = [len(ids) for ids in train_ids]
+    train_feats = features(train_set)
+    lengths = [len(ids) for ids in train_feats.ids]
     cut = sum(n == args.max_length for n in lengths)
-    if cut > len(lengths) // 100:
+    if task != "qa" and cut > len(lengths) // 100:
         print(f"{cut} training texts reach --max-length {args.max_length} and may be cut", file=sys.stderr)
-    train_gold = torch.tensor([label_ids[lab] for lab in train_set.labels])  # [N]
-    batch_size = args.batch_size or default_batch_size(len(train_ids))
-    total_steps = args.max_steps or planned_steps(len(train_ids), batch_size, args.epochs, args.min_steps)
+    batch_size = args.batch_size or default_batch_size(len(lengths))
+    total_steps = args.max_steps or planned_steps(len(lengths), batch_size, args.epochs, args.min_steps)
     print(
-        f"{total_steps} steps of {batch_size} rows ({total_steps * batch_size / len(train_ids):.1f} epochs)",
+        f"{total_steps} steps of {batch_size} rows ({total_steps * batch_size / len(lengths):.1f} epochs)",
         file=sys.stderr,
     )
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -504,40 +424,49 @@ def train(
         num_training_steps=total_steps,
     )
 
-    val_ids = encode(validation.texts) if validation is not None else []
-    val_gold = [label_ids[lab] for lab in validation.labels] if validation is not None else []
-
-    def predict(ids: list[list[int]], progress: bool = False) -> list[int]:
-        """Arg-max labels in eval mode, longest-last batches of 128; the model is left in train mode."""
+    def predict(feats, progress: bool = False) -> list[torch.Tensor]:
+        """Per feature, on the CPU: logits `[labels]`, or `[tokens, labels]` over its own tokens, on the
+        targets' own scale; longest-last batches of 128 in eval mode; the model is left in train mode."""
         model.eval()
-        pred = [0] * len(ids)
-        by_length = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        outputs: list[torch.Tensor | None] = [None] * len(feats.ids)
+        by_length = sorted(range(len(feats.ids)), key=lambda i: len(feats.ids[i]))
         starts = range(0, len(by_length), 128)
         if progress:
             starts = tqdm(starts, desc="validating", unit="batch", file=sys.stderr, mininterval=interval)
         with torch.inference_mode():
             for start in starts:
                 batch = by_length[start : start + 128]
-                logits = model(**collate([ids[i] for i in batch])).logits  # [B, num_labels]
-                for i, p in zip(batch, logits.argmax(-1).tolist(), strict=True):
-                    pred[i] = p
+                logits = logits_of(task, model(**collate(feats, batch))).float().cpu()  # [B, (T,) labels]
+                for k, i in enumerate(batch):
+                    row = logits[k] if logits.dim() == 2 else logits[k, : len(feats.ids[i])]
+                    outputs[i] = row * scale[1] + scale[0] if task == "regression" else row
         model.train()
-        return pred
+        return outputs
+
+    def measure(examples: Examples, feats, progress: bool = False) -> dict:
+        outputs = predict(feats, progress)
+        return evaluate(task, examples, feats, outputs, labels, train_set, args.max_answer_length)
 
     evaluate_every = max(1, math.ceil(total_steps / EVALUATIONS))
-    probe_ids, probe_gold = val_ids[:EVALUATION_ROWS], val_gold[:EVALUATION_ROWS]
+    probe = None
+    if validation is not None:
+        probe = validation.pick(list(range(min(EVALUATION_ROWS, len(validation.texts)))))
+        probe_feats = features(probe)
+    headline, shown = HEADLINES[task]
     interval = 1.0 if sys.stderr.isatty() else 30.0
     rng = random.Random(args.seed)
     model.train()
-    step, seen, smoothed, val_acc = 0, 0, None, None
+    step, seen, smoothed, val_score = 0, 0, None, None
     started = time.perf_counter()
     with tqdm(total=total_steps, desc="training", unit="step", mininterval=interval, file=sys.stderr) as bar:
         while step < total_steps:
             for batch in _batches(lengths, batch_size, rng):
-                inputs = collate([train_ids[i] for i in batch])
+                inputs = collate(train_feats, batch)
+                width = inputs["input_ids"].shape[1]
+                gold = collate_targets(task, [train_feats.targets[i] for i in batch], width).to(device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                    logits = model(**inputs).logits  # [B, num_labels]
-                loss = torch.nn.functional.cross_entropy(logits.float(), train_gold[batch].to(device))
+                    logits = logits_of(task, model(**inputs))  # [B, (T,) labels]
+                loss = loss_of(task, logits.float(), gold)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(trainable, 1.0)
                 optimizer.step()
@@ -546,43 +475,45 @@ def train(
                 step += 1
                 seen += len(batch)
                 smoothed = loss.item() if smoothed is None else 0.95 * smoothed + 0.05 * loss.item()
-                if probe_ids and (step % evaluate_every == 0 or step == total_steps):
-                    val_acc = sum(map(int.__eq__, predict(probe_ids), probe_gold)) / len(probe_ids)
+                if probe is not None and (step % evaluate_every == 0 or step == total_steps):
+                    val_score = measure(probe, probe_feats)[headline]
                 rate = seen / (time.perf_counter() - started)
                 bar.set_postfix(
                     loss=f"{smoothed:.4f}",
-                    **({} if val_acc is None else {"val_acc": f"{val_acc:.3f}"}),
+                    **({} if val_score is None else {shown: f"{val_score:.3f}"}),
                     ex_s=f"{rate:.1f}",
-                    epoch=f"{seen / len(train_ids):.2f}",
+                    epoch=f"{seen / len(lengths):.2f}",
                     refresh=False,
                 )
                 bar.update(1)
                 if step >= total_steps:
                     break
     train_seconds = time.perf_counter() - started
+    if task == "regression":
+        _fold_scale(model, *scale)
+        scale[:] = [0.0, 1.0]
 
+    chance, formula, meaning = chance_loss(task, train_feats, labels)
     report = {
+        "task": task,
         "labels": labels,
         "base_model": args.model or EMBEDDED_MODEL,
-        "train_examples": len(train_ids),
+        "train_examples": len(train_set.texts),
         "training": {
             "steps": step,
             "batch_size": batch_size,
-            "epochs": round(seen / len(train_ids), 3),
+            "epochs": round(seen / len(lengths), 3),
             "seconds": round(train_seconds, 1),
             "examples_per_second": round(seen / train_seconds, 1),
             "final_loss": round(smoothed, 4),
+            "chance_loss": {"value": round(chance, 4), "formula": formula, "of": meaning},
         },
         "validation": None,
     }
+    if task == "qa":
+        report["training"]["windows"] = len(lengths)
     if validation is not None:
-        report["validation"] = classification_metrics(val_gold, predict(val_ids, progress=True), labels)
-        counts = [val_gold.count(i) for i in range(len(labels))]
-        most = max(range(len(labels)), key=counts.__getitem__)
-        report["validation"]["majority_baseline"] = {
-            "label": labels[most],
-            "accuracy": counts[most] / len(val_gold),
-        }
+        report["validation"] = measure(validation, features(validation), progress=True)
     report["weak"] = weak_result(report)
     if report["weak"] and not args.allow_weak:
         return report
@@ -590,33 +521,69 @@ def train(
     out = Path(args.output)
     # Embeddings are never trained here; "auto" would look the base model up on the hub to decide.
     model.save_pretrained(out, save_embedding_layers=False)
+    if task in PROBLEM_TYPES:  # how the server reads the head's outputs; PEFT ignores the field
+        path = out / "adapter_config.json"
+        saved = json.loads(path.read_text())
+        path.write_text(json.dumps({**saved, "problem_type": PROBLEM_TYPES[task]}, indent=2) + "\n")
     (out / "labels.json").write_text(json.dumps(labels) + "\n")
     return report
+
+
+def _model_class(task_type: str):
+    from transformers import (
+        AutoModelForQuestionAnswering,
+        AutoModelForSequenceClassification,
+        AutoModelForTokenClassification,
+    )
+
+    return {
+        "SEQ_CLS": AutoModelForSequenceClassification,
+        "TOKEN_CLS": AutoModelForTokenClassification,
+        "QUESTION_ANS": AutoModelForQuestionAnswering,
+    }[task_type]
+
+
+def _fold_scale(model, mean: float, std: float) -> None:
+    """Make the trained head answer on the targets' scale: the output layer's weight times std, its bias
+    times std plus mean (it was trained on (y - mean) / std)."""
+    import torch
+
+    outputs = [
+        m
+        for name, m in model.named_modules()
+        if "modules_to_save" in name and isinstance(m, torch.nn.Linear) and m.out_features == 1
+    ]
+    if len(outputs) != 1 or outputs[0].bias is None:
+        raise TrainingDataError("the model's regression head has no single output layer with a bias.")
+    with torch.no_grad():
+        outputs[0].weight.mul_(std)
+        outputs[0].bias.mul_(std).add_(mean)
 
 
 def weak_result(report: dict) -> list[str]:
     """Why the trained adapter is not worth serving; empty when it is fine.
 
-    Weak is (a) a held-out accuracy no better than always answering the validation rows' most common label,
-    or (b) a final training loss (smoothed) at or above WEAK_LOSS_FRACTION x ln(number of labels), which is
-    the loss of a uniform guess: the head learned next to nothing."""
+    Weak is (a) held-out figures no better than the task's trivial baseline (`weak_reasons`: always the most
+    common label, label set or tag, the training mean, the context's first words), or (b) a final training
+    loss (smoothed) at or above WEAK_LOSS_FRACTION x the loss of a guess that learned nothing (ln(number of
+    labels), a uniform guess, for the classifiers)."""
     reasons = []
+    task = report.get("task", "seq-cls")
     k = len(report["labels"])
-    chance = math.log(k)
+    chance = report["training"].get("chance_loss") or {
+        "value": math.log(k),
+        "formula": f"ln({k})",
+        "of": "a uniform guess",
+    }
     final = report["training"]["final_loss"]
-    if final >= WEAK_LOSS_FRACTION * chance:
+    if final >= WEAK_LOSS_FRACTION * chance["value"]:
         reasons.append(
-            f"the final training loss {final:.4f} is near ln({k}) = {chance:.4f}, the loss of a uniform "
-            "guess: the model learned next to nothing"
+            f"the final training loss {final:.4f} is near {chance['formula']} = {chance['value']:.4f}, "
+            f"the loss of {chance['of']}: the model learned next to nothing"
         )
     validation = report.get("validation")
     if validation:
-        base = validation["majority_baseline"]
-        if validation["accuracy"] <= base["accuracy"]:
-            reasons.append(
-                f"held-out accuracy {validation['accuracy']:.4f} is no better than always answering "
-                f"{base['label']!r} ({base['accuracy']:.4f} of the {validation['examples']} validation rows)"
-            )
+        reasons += weak_reasons(task, validation)
     return reasons
 
 
@@ -629,17 +596,42 @@ def _default_model() -> str:
 # ------------------------------------------------------------------------------------------------- reports
 
 
-def format_metrics(metrics: dict) -> str:
+def format_metrics(metrics: dict, task: str = "seq-cls") -> str:
     """Validation figures as a small plain-text table."""
-    lines = [
-        f"accuracy {metrics['accuracy']:.4f}   macro-F1 {metrics['macro_f1']:.4f}   "
-        f"({metrics['examples']} validation rows)",
-        "",
-        f"{'label':<20} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>9}",
-    ]
-    base = metrics.get("majority_baseline")
-    if base:
-        lines.insert(1, f"always {base['label']!r} would score {base['accuracy']:.4f}")
+    base = metrics.get(BASELINES[task])
+    if task == "regression":
+        r2, pearson = ("n/a" if metrics[key] is None else f"{metrics[key]:.4f}" for key in ("r2", "pearson"))
+        lines = [
+            f"mse {metrics['mse']:.4g}   mae {metrics['mae']:.4g}   R^2 {r2}   pearson {pearson}   "
+            f"({metrics['examples']} validation rows)",
+            f"always {base['value']:.4g} (the training mean) would score mse {base['mse']:.4g}",
+        ]
+        return "\n".join(lines)
+    if task == "qa":
+        return "\n".join(
+            [
+                f"exact match {metrics['exact_match']:.4f}   F1 {metrics['f1']:.4f}   "
+                f"({metrics['examples']} validation questions)",
+                f"answering {base['answer']} would score exact match {base['exact_match']:.4f}, "
+                f"F1 {base['f1']:.4f}",
+            ]
+        )
+    if task == "multi-label":
+        head = [
+            f"subset accuracy {metrics['subset_accuracy']:.4f}   macro-F1 {metrics['macro_f1']:.4f}   "
+            f"micro-F1 {metrics['micro_f1']:.4f}   ({metrics['examples']} validation rows)",
+            f"always {base['labels']} would score subset accuracy {base['subset_accuracy']:.4f}, "
+            f"macro-F1 {base['macro_f1']:.4f}",
+        ]
+    else:
+        units = "validation words" if task == "tokens" else "validation rows"
+        head = [
+            f"accuracy {metrics['accuracy']:.4f}   macro-F1 {metrics['macro_f1']:.4f}   "
+            f"({metrics['examples']} {units})"
+        ]
+        if base:
+            head.append(f"always {base['label']!r} would score {base['accuracy']:.4f}")
+    lines = [*head, "", f"{'label':<20} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>9}"]
     for name, row in metrics["per_label"].items():
         lines.append(
             f"{name:<20} {row['precision']:>9.4f} {row['recall']:>9.4f} {row['f1']:>9.4f} {row['support']:>9}"
@@ -651,8 +643,9 @@ def write_reports(out: Path, report: dict) -> None:
     """metrics.json, and a README.md in place of PEFT's template model card."""
     (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     training = report["training"]
+    task = report.get("task", "seq-cls")
     text = [
-        f"# LoRA classification adapter: {', '.join(report['labels'])}",
+        f"# LoRA {WHAT[task]} adapter: {', '.join(report['labels'])}",
         "",
         f"Base model: {report['base_model']}. Labels in head order: `{json.dumps(report['labels'])}`.",
         "",
@@ -666,7 +659,7 @@ def write_reports(out: Path, report: dict) -> None:
         f"in {training['seconds']} s ({training['examples_per_second']} examples/s).",
     ]
     if report["validation"]:
-        text += ["", "Validation:", "", "```", format_metrics(report["validation"]), "```"]
+        text += ["", "Validation:", "", "```", format_metrics(report["validation"], task), "```"]
     if report.get("weak"):
         text += ["", f"**A weak result**, written with --allow-weak: {'; and '.join(report['weak'])}."]
     (out / "README.md").write_text("\n".join(text) + "\n")
@@ -702,10 +695,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
 
-    counts = {lab: train_set.labels.count(lab) for lab in labels}
-    print(f"labels (head order): {', '.join(f'{lab} ({counts[lab]})' for lab in labels)}", file=sys.stderr)
+    print(label_counts(train_set, labels, args.task), file=sys.stderr)
     if dropped:
-        print(f"left out {dropped} rows whose label is not in --labels", file=sys.stderr)
+        what = "lost labels" if args.task == "multi-label" else "were left out: their label is"
+        print(f"{dropped} rows {what} not in --labels", file=sys.stderr)
     print(
         f"{len(train_set.texts)} training rows, {len(validation.texts) if validation else 0} validation rows",
         file=sys.stderr,
@@ -716,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"loraplex train: error: {e}", file=sys.stderr)
         return 2
     if report["validation"]:
-        print(format_metrics(report["validation"]))
+        print(format_metrics(report["validation"], args.task))
     if report["weak"]:
         print(f"loraplex train: warning: a weak result: {'; and '.join(report['weak'])}.", file=sys.stderr)
         if not args.allow_weak:
