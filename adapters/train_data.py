@@ -2,7 +2,8 @@
 
     seq-cls      CSV/TSV/JSONL rows: a text and a label
     pairs        rows: a text, a second text (`--text-pair-column`) and a label
-    multi-label  rows: a text and several labels (a list in JSONL, else joined by `--label-separator`)
+    multi-label  rows: a text and several labels (a list in JSONL, else joined by `--label-separator`); an
+                 empty cell or list is a row of none of the labels
     regression   rows: a text and a number
     tokens       JSONL rows: `tokens` (a list of words) and `tags` (one label per word)
     qa           SQuAD JSON: data[].paragraphs[].context and qas[].question / answers[].text, answer_start
