@@ -15,6 +15,7 @@ commands:
   embed       embed texts with a FEATURE_EXTRACTION adapter or the base model
   rerank      order texts by relevance to a query with a cross-encoder adapter
   tokens      find entities in texts with a token-classification adapter
+  answer      answer a question from a context with a question-answering adapter
 
 options:
   -h, --help  show this help and exit
@@ -24,7 +25,7 @@ options:
 """
 
 
-CLIENT_COMMANDS = ("adapters", "classify", "embed", "rerank", "tokens")  # loraplex.client_cli's
+CLIENT_COMMANDS = ("adapters", "classify", "embed", "rerank", "tokens", "answer")  # loraplex.client_cli's
 
 
 def version() -> str:

@@ -1,4 +1,4 @@
-"""`loraplex adapters push|ls|show|rm`, `classify`, `embed`, `rerank`, `tokens`: the client from the shell.
+"""The Python client from a shell: `loraplex adapters`, `classify`, `embed`, `rerank`, `tokens`, `answer`.
 
     loraplex adapters push tweet-sentiment adapters/demo/tweet-sentiment
     loraplex adapters ls
@@ -8,6 +8,7 @@
     loraplex embed --base "what a lovely day"
     loraplex rerank my-reranker --query "cheap flights" "flights under 50 euros" "hotel deals"
     loraplex tokens my-ner "Angela Merkel met Emmanuel Macron in Paris" --aggregation first
+    loraplex answer my-qa --question "Where did they meet?" --context - < article.txt
     loraplex adapters rm tweet-sentiment
 
 Texts are the TEXT arguments, or the lines of stdin (`-`) or of a FILE; a CSV or JSONL file (or stdin with
@@ -151,6 +152,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--ignore-labels", help="comma-separated labels never reported as entities (default: the server's, O)"
     )
 
+    answer = _parser(
+        commands,
+        "answer",
+        parents=[common],
+        help="answer a question with a span of its context (extractive QA)",
+    )
+    answer.add_argument("adapter_id", metavar="ID")
+    answer.add_argument("--question", required=True, help="what to answer")
+    answer.add_argument("--context", required=True, help="the text holding the answer; - reads it from stdin")
+    answer.add_argument("--top-k", type=int, help="the k best answers, best first (default: the server's, 1)")
+    answer.add_argument(
+        "--max-answer-len", type=int, help="longest answer, in tokens (default: the server's, 15)"
+    )
+    answer.add_argument(
+        "--handle-impossible-answer", action="store_true", help='rank the null answer ("") with the spans'
+    )
+
     args = parser.parse_args(argv)
     if args.command == "embed":
         if args.base:
@@ -159,7 +177,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             embed.error("give an adapter ID and then texts, or --base and texts")
         else:
             args.adapter_id, args.texts = args.words[0], args.words[1:]
-    for name in ("chunk_size", "top_n"):
+    for name in ("chunk_size", "top_n", "top_k", "max_answer_len"):
         if getattr(args, name, None) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
@@ -446,6 +464,21 @@ def tokens(args: argparse.Namespace, client: Client, texts: list[str], p: Printe
     p.done(_heading(args.adapter_id, p.versions) + "\n" + (table(header, rows) if rows else "no entities"))
 
 
+def answer(args: argparse.Namespace, client: Client, p: Printer, stdin: TextIO) -> None:
+    context = stdin.read() if args.context == "-" else args.context
+    if not context.strip():
+        raise InputError("the context is empty.")
+    found = client.answer(args.adapter_id, args.question, context, top_k=args.top_k,
+                          max_answer_len=args.max_answer_len,
+                          handle_impossible_answer=args.handle_impossible_answer or None)  # fmt: skip
+    if args.json:
+        return p.done(found.raw)
+    rows = [(str(rank), f"{a.score:.4f}", str(a.start), str(a.end), _clip(a.answer) or '""')
+            for rank, a in enumerate(found.results[0], 1)]  # fmt: skip
+    p.done(_heading(args.adapter_id, [found.adapter_version]) + "\n"
+           + table(("RANK", "SCORE", "START", "END", "ANSWER"), rows))  # fmt: skip
+
+
 def adapters(args: argparse.Namespace, client: Client, p: Printer) -> None:
     if args.action == "push":
         labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
@@ -472,6 +505,8 @@ TEXT_COMMANDS = {"classify": classify, "embed": embed, "rerank": rerank, "tokens
 
 def run(args: argparse.Namespace, client: Client, out: TextIO, stdin: TextIO) -> None:
     """Do the command, writing what it prints to `out`."""
+    if args.command == "answer":
+        return answer(args, client, Printer(out, args.json, lines=False), stdin)
     if args.command not in TEXT_COMMANDS:
         return adapters(args, client, Printer(out, args.json, lines=False))
     texts, from_input = read_texts(args, stdin)

@@ -33,6 +33,7 @@ def adapters(tmp_path_factory) -> dict:
         "ranker": save_peft_adapter(root / "ranker", num_labels=1, seed=1, labels=["relevant"]),
         "vectors": save_task_adapter(root / "vectors", "FEATURE_EXTRACTION", seed=2),
         "ner": save_task_adapter(root / "ner", "TOKEN_CLS", num_labels=5, seed=3, labels=NER),
+        "qa": save_task_adapter(root / "qa", "QUESTION_ANS", num_labels=2, seed=4),
     }
 
 
@@ -281,11 +282,45 @@ def test_tokens_in_chunks_and_as_a_table(srv, capsys, monkeypatch):
     assert code == 1 and "HTTP 422" in err and "Traceback" not in err
 
 
+def test_answer_with_the_context_from_stdin(srv, capsys, monkeypatch):
+    question = "Where did the meeting take place?"
+    context = (
+        "The two ministers met in Geneva on Monday. They talked for three hours about trade and fishing."
+    )
+    with Client(srv.url) as client:
+        expected = client.answer("qa", question, context, top_k=3).results[0]
+    code, out, err = run(capsys, monkeypatch, "answer", "qa", "--question", question, "--context", "-",
+                         "--top-k", "3", "--json", "--url", srv.url, stdin=context)  # fmt: skip
+    assert code == 0, err
+    got = json.loads(out)["results"][0]
+    assert [(a["answer"], a["start"], a["end"]) for a in got] == [
+        (a.answer, a.start, a.end) for a in expected
+    ]
+    assert [a["score"] for a in got] == pytest.approx([a.score for a in expected], abs=1e-6) and len(got) == 3
+    assert all(context[a.start : a.end] == a.answer for a in expected)
+
+    code, out, err = run(capsys, monkeypatch, "answer", "qa", "--question", question, "--context", context,
+                         "--top-k", "3", "--url", srv.url)  # fmt: skip
+    heading, header, *rows = out.splitlines()
+    assert code == 0 and heading.startswith("adapter qa version ")
+    assert header.split() == ["RANK", "SCORE", "START", "END", "ANSWER"]
+    assert [row.split(maxsplit=4) for row in rows] == [
+        [str(rank), f"{a.score:.4f}", str(a.start), str(a.end), " ".join(a.answer.split())]
+        for rank, a in enumerate(expected, 1)
+    ]
+    code, _, err = run(capsys, monkeypatch, "answer", "sent", "--question", question, "--context", context,
+                       "--url", srv.url)  # fmt: skip
+    assert code == 1 and "HTTP 422" in err and "Traceback" not in err
+    code, _, err = run(capsys, monkeypatch, "answer", "qa", "--question", question, "--context", "-", "--url",
+                       srv.url, stdin=" \n")  # fmt: skip
+    assert code == 2 and "context is empty" in err
+
+
 # --------------------------------------------------------------------------------- --version and --help
 
 COMMANDS = [
     ["serve"], ["train"], ["adapters"], ["adapters", "push"], ["adapters", "ls"], ["adapters", "show"],
-    ["adapters", "rm"], ["classify"], ["embed"], ["rerank"], ["tokens"],
+    ["adapters", "rm"], ["classify"], ["embed"], ["rerank"], ["tokens"], ["answer"],
 ]  # fmt: skip
 
 
