@@ -36,7 +36,7 @@ class LiveServer:
         *args: str,
         env: dict[str, str] | None = None,
         port: int | None = None,
-        ready_timeout: float = 120.0,
+        ready_timeout: float = 600.0,  # a bound for a slow or loaded machine, not an expected time
         control: EngineControl | None = None,
         module: str | None = None,
     ):
