@@ -9,7 +9,7 @@ USAGE = """usage: loraplex COMMAND [ARGS]
 
 commands:
   serve       run the HTTP server
-  train       fine-tune a LoRA classification adapter with PEFT
+  train       fine-tune a LoRA adapter of any task (--task) with PEFT
   adapters    push / ls / show / rm adapters on a running server
   classify    classify texts (arguments, stdin, or a text, CSV or JSONL file) with an adapter
   embed       embed texts with a FEATURE_EXTRACTION adapter or the base model
