@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from peft import get_peft_model_state_dict
+    from peft.tuners.lora import LoraLayer
     from transformers import AutoModelForSequenceClassification
 
     from loraplex.adapters.peft import parse_adapter
@@ -126,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
             except (TypeError, ValueError, RuntimeError) as e:
                 failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
                 del fns[name]
+                # A mixed batch that raises leaves PEFT's per-call adapter_names hooks on its LoRA layers,
+                # which would then fail every later call; take them off.
+                for module in peft.modules():
+                    if isinstance(module, LoraLayer):
+                        module._forward_pre_hooks.clear()
         seconds = interleaved_medians(fns, args.reps)
     results = {name: args.rows / s for name, s in seconds.items()}
     for name, value in results.items():

@@ -88,8 +88,16 @@ def engine_only(
 
 
 async def closed_loop(port: int, clients: int, adapters: list[str], texts: list[str], warmup: float,
-                      seconds: float) -> tuple[list[float], int]:  # fmt: skip
-    """Latencies (s) of requests started inside the measuring window, and the number of failures."""
+                      seconds: float, request=None) -> tuple[list[float], int]:  # fmt: skip
+    """Latencies (s) of requests started inside the measuring window, and the number of failures.
+
+    `request(rng)` gives each request's (path, JSON body); by default /classify of a random text for a
+    random adapter."""
+    if request is None:
+
+        def request(rng: random.Random) -> tuple[bytes, dict]:
+            return b"/classify", {"adapter_id": rng.choice(adapters), "inputs": rng.choice(texts)}
+
     latencies: list[float] = []
     failures = 0
     start = time.perf_counter()
@@ -101,10 +109,11 @@ async def closed_loop(port: int, clients: int, adapters: list[str], texts: list[
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
             while (began := time.perf_counter()) < stop_at:
-                body = json.dumps({"adapter_id": rng.choice(adapters), "inputs": rng.choice(texts)}).encode()
+                path, fields = request(rng)
+                body = json.dumps(fields).encode()
                 writer.write(
-                    b"POST /classify HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
-                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+                    b"POST %s HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (path, len(body), body)
                 )
                 status = int((await reader.readline()).split()[1])
                 length = 0
