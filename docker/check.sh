@@ -4,10 +4,11 @@
 #
 #   docker/check.sh [DOCKER BUILD OPTIONS...]
 #
-# Every argument goes to `docker build` as it is, e.g. where Docker Hub or the PyTorch index is out of reach:
+# Every argument goes to `docker build` as it is, e.g. where Docker Hub or the PyTorch index is out of reach
+# (torch's own dependencies then come from TORCH_INDEX_URL, here PyPI, and the torch wheel from a local folder):
 #
 #   docker/check.sh --network host --build-arg BASE_IMAGE=my/python:3.11-bookworm \
-#       --build-arg TORCH_FIND_LINKS=http://127.0.0.1:8765/
+#       --build-arg TORCH_INDEX_URL=https://pypi.org/simple --build-arg TORCH_FIND_LINKS=http://127.0.0.1:8765/
 #
 # Environment: IMAGE (the tag built, default loraplex:check), READY_TIMEOUT (seconds to wait for /ready,
 # default 300), STOP_TIMEOUT (seconds to wait for the exit after SIGTERM, default 60), DOCKER (default docker).
