@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from peft import get_peft_model_state_dict
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora.model import _adapter_names_pre_forward_hook
     from transformers import AutoModelForSequenceClassification
 
     from loraplex.adapters.peft import parse_adapter
@@ -130,8 +130,9 @@ def main(argv: list[str] | None = None) -> int:
                 # A mixed batch that raises leaves PEFT's per-call adapter_names hooks on its LoRA layers,
                 # which would then fail every later call; take them off.
                 for module in peft.modules():
-                    if isinstance(module, LoraLayer):
-                        module._forward_pre_hooks.clear()
+                    for key, hook in list(module._forward_pre_hooks.items()):
+                        if getattr(hook, "func", None) is _adapter_names_pre_forward_hook:
+                            del module._forward_pre_hooks[key]
         seconds = interleaved_medians(fns, args.reps)
     results = {name: args.rows / s for name, s in seconds.items()}
     for name, value in results.items():
