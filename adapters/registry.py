@@ -379,6 +379,10 @@ class Registry:
 
     def _read_weights(self, record: AdapterRecord) -> AdapterWeights:
         files = self.store.read(record.adapter_id, record.version)
+        if files.version() != record.version:  # bit rot, or a writer that changed files in place
+            raise self.store.damaged_error(
+                record.adapter_id, f"its files do not hash to their version {record.version}"
+            )
         try:
             return load_stored(files, self.base, max_rank=self.max_rank, max_labels=self.max_labels)
         except LoraplexError as exc:  # what an upload would get as 4xx: damaged, foreign or beyond limits

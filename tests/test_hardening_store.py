@@ -2,9 +2,10 @@
 
 Both store kinds (a directory, and S3 on moto's server on loopback) get the same damage written straight
 into their files: a manifest that is not JSON, a foreign JSON manifest, one that names another adapter,
-one whose version would leave the adapter's folder, a damaged labels file, and weights that are not
-safetensors. A listing skips them, a request for one gets 409 with the reason, the rest keep working,
-and an upload or a delete repairs them. A real server starts on such a directory store.
+one whose version would leave the adapter's folder, a damaged labels file, weights that are not
+safetensors, and valid safetensors weights changed in place (they no longer hash to their version). A
+listing skips them, a request for one gets 409 with the reason, the rest keep working, and an upload or a
+delete repairs them. A real server starts on such a directory store.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from safetensors.torch import load, save
 
 from loraplex.adapters.errors import DamagedAdapterError
 from loraplex.adapters.registry import Registry
@@ -28,7 +30,7 @@ from tests.peft_factory import peft_logits, save_peft_adapter
 from tests.serving_support import metrics, sample
 
 TEXTS = ["a sunny day", "the package never arrived"]
-GOOD = ["good", "labels-damaged", "weights-damaged"]  # manifests that are fine
+GOOD = ["good", "labels-damaged", "weights-damaged", "weights-altered"]  # manifests that are fine
 DAMAGED_MANIFESTS = {
     "not-json": b"{'adapter_id': \"not-json\", version",
     "foreign": json.dumps({"name": "foreign", "weights": "model.bin", "format": 2}).encode(),
@@ -89,6 +91,10 @@ class DirectoryKind:
     def read(self, adapter_id: str, name: str) -> bytes:
         return (self.root / "adapters" / adapter_id / name).read_bytes()
 
+    def read_version(self, adapter_id: str, name: str) -> bytes:
+        folder = self.root / "adapters" / adapter_id
+        return (folder / json.loads((folder / "manifest.json").read_text())["version"] / name).read_bytes()
+
 
 class S3Kind:
     name = "s3"
@@ -112,6 +118,10 @@ class S3Kind:
 
     def read(self, adapter_id: str, name: str) -> bytes:
         key = f"team/adapters/{adapter_id}/{name}"
+        return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+
+    def read_version(self, adapter_id: str, name: str) -> bytes:
+        key = f"{json.loads(self.read(adapter_id, 'manifest.json'))['objects']}/{name}"
         return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
 
 
@@ -156,6 +166,10 @@ def damage(kind, adapter_dir: Path) -> None:
         model = b"\x80\x04\x95pickle, not safetensors" if adapter_id == "weights-damaged" else None
         store.put(*stored(adapter_id, adapter_dir, model))
     kind.write("labels-damaged", "labels.json", b'["x", "y"')
+    tensors = load(kind.read_version("weights-altered", "adapter_model.safetensors"))
+    name = next(name for name in tensors if "lora_B" in name)
+    tensors[name] = tensors[name] + 1.0  # still valid, the right shapes, other numbers
+    kind.write("weights-altered", "adapter_model.safetensors", save(tensors))
     good_manifest = kind.read("good", "manifest.json")
     for adapter_id in DAMAGED_MANIFESTS:
         kind.write(adapter_id, "manifest.json", damaged_manifest(adapter_id, good_manifest))
@@ -195,14 +209,16 @@ def test_the_registry_answers_409_for_damaged_entries_and_serves_the_rest(kind, 
     before = registry.damaged
 
     async def main():
-        for adapter_id in [*DAMAGED_MANIFESTS, "labels-damaged", "weights-damaged"]:
+        for adapter_id in [*DAMAGED_MANIFESTS, *GOOD[1:]]:
             with pytest.raises(DamagedAdapterError) as caught:
                 await registry.get(adapter_id)
             assert repr(adapter_id) in caught.value.message
+        with pytest.raises(DamagedAdapterError, match="do not hash to their version"):
+            await registry.get("weights-altered")
         assert (await registry.get("good")).labels == ("x", "y", "z")
 
     asyncio.run(main())
-    assert registry.damaged == before + len(DAMAGED_MANIFESTS) + 2
+    assert registry.damaged == before + len(DAMAGED_MANIFESTS) + len(GOOD[1:]) + 1  # weights-altered twice
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +250,7 @@ def test_a_server_starts_on_a_damaged_store_and_never_answers_500(adapter_dir):
         assert good.status_code == 200, good.text
         got = torch.tensor([[r["scores"][label] for label in "xyz"] for r in good.json()["results"]])
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
-        for adapter_id in [*DAMAGED_MANIFESTS, "labels-damaged", "weights-damaged"]:
+        for adapter_id in [*DAMAGED_MANIFESTS, *GOOD[1:]]:
             for response in (classify(adapter_id), client.get(f"/adapters/{adapter_id}")):
                 if adapter_id in GOOD and response.request.method == "GET":
                     assert response.status_code == 200  # its manifest is fine; its files are not
@@ -242,7 +258,9 @@ def test_a_server_starts_on_a_damaged_store_and_never_answers_500(adapter_dir):
                 assert response.status_code == 409, response.text
                 body = response.json()
                 assert body["error_type"] == "conflict" and repr(adapter_id) in body["error"]
-        assert sample(metrics(srv.url), "loraplex_store_damaged_total") >= len(DAMAGED_MANIFESTS) + 2
+        assert sample(metrics(srv.url), "loraplex_store_damaged_total") >= len(DAMAGED_MANIFESTS) + len(
+            GOOD[1:]
+        )
 
         assert upload(client, "not-json", adapter_dir).status_code in (200, 201)
         assert classify("not-json").status_code == 200
