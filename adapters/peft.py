@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any
 
+import regex
 import torch
 
 from loraplex.adapters.errors import InvalidAdapterError
@@ -114,6 +115,12 @@ class AdapterWeights:
 HEAD_NAMES = ("classifier", "score", "qa_outputs")  # what PEFT puts in modules_to_save for its tasks
 KEY_PREFIX = "base_model.model."
 LAYER_INDEX_FREE = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")
+# The patterns of a config (target_modules, exclude_modules, modules_to_save, layers_pattern and the keys
+# of rank_pattern / alpha_pattern) come from whoever uploaded the adapter. `re` has no time bound and holds
+# the GIL, so one pattern that backtracks without end would stall the whole server; they are matched by
+# `regex` with the GIL released and a bound far above what any real pattern takes on a module name
+# (microseconds), and the first that runs past it refuses the adapter.
+PATTERN_TIMEOUT_S = 0.5
 
 # Fields that only matter while training or saving; they never change what a saved adapter computes.
 _INERT_FIELDS = {
@@ -205,6 +212,23 @@ def _check_config(config: dict) -> None:
             )
 
 
+def _pattern_match(
+    pattern: str, key: str, *, whole: bool = False, given: str | None = None
+) -> regex.Match | None:
+    """`re.match` (or `re.fullmatch`) of a pattern built from the adapter's own `given` one (default:
+    `pattern` itself), bounded in time (`PATTERN_TIMEOUT_S`); errors name the adapter's pattern."""
+    shown = repr((given or pattern)[:80])
+    match = regex.fullmatch if whole else regex.match
+    try:
+        return match(pattern, key, timeout=PATTERN_TIMEOUT_S, concurrent=True)
+    except TimeoutError:
+        raise ValueError(
+            f"the pattern {shown} takes longer than {PATTERN_TIMEOUT_S} s to match one module name"
+        ) from None
+    except regex.error as exc:
+        raise ValueError(f"{shown} is not a regular expression ({exc})") from None
+
+
 def _matches_list(key: str, names: list[str]) -> bool:
     return key in names or any(key.endswith(f".{name}") for name in names)
 
@@ -216,7 +240,7 @@ def _layer_index(key: str, layers_pattern: str | list[str] | None) -> int | None
         patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
         match = None
         for pattern in patterns:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+            match = _pattern_match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key, given=pattern)
             if match:
                 break
     return int(match.group("idx")) if match else None
@@ -225,16 +249,18 @@ def _layer_index(key: str, layers_pattern: str | list[str] | None) -> int | None
 def _is_target(config: dict, key: str, default_targets: tuple[str, ...]) -> bool:
     """PEFT's `check_target_module_exists` for one module name of the classification model."""
     exclude = config.get("exclude_modules")
-    if exclude and (re.fullmatch(exclude, key) if isinstance(exclude, str) else _matches_list(key, exclude)):
+    if exclude and (
+        _pattern_match(exclude, key, whole=True) if isinstance(exclude, str) else _matches_list(key, exclude)
+    ):
         return False
     modules_to_save = config.get("modules_to_save") or []
-    if any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in modules_to_save):
+    if any(_pattern_match(rf"(^|.*\.){m}($|\..*)", key, given=m) for m in modules_to_save):
         return False
     targets = config.get("target_modules")
     if targets is None:
         targets = list(default_targets)
     if isinstance(targets, str):
-        return re.fullmatch(targets, key) is not None
+        return _pattern_match(targets, key, whole=True) is not None
     if key in targets:
         return True
     if not _matches_list(key, targets):
@@ -251,7 +277,7 @@ def _is_target(config: dict, key: str, default_targets: tuple[str, ...]) -> bool
 def _pattern_value(patterns: dict, key: str, default: float) -> float:
     """PEFT's `get_pattern_key`: the first pattern that matches the end of the module name wins."""
     for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", key):
+        if _pattern_match(rf"(.*\.)?({pattern})$", key, given=pattern):
             return value
     return default
 

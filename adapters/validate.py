@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 
@@ -190,7 +189,7 @@ def build_weights(
     check_field_types(config)
     try:
         weights = parse_adapter(config, tensors, base, labels=labels, max_rank=max_rank)
-    except (ValueError, OverflowError, RecursionError, re.error) as exc:
+    except (ValueError, OverflowError, RecursionError) as exc:
         # a value of the right type that cannot be used, e.g. a target pattern that is no regex
         raise InvalidAdapterError(f"adapter_config.json has an invalid value: {_short(exc)}.") from None
     if weights.num_labels > max_labels:

@@ -32,6 +32,9 @@ MAX_RANK = 16  # the HTTP test starts its server with this --max-rank
 MAX_LABELS = 32
 STATUS = {"validation": 422, "payload_too_large": 413, "unsupported_media_type": 415, "bad_request": 400}
 PREFIX = "base_model.model.bert.encoder.layer.0.attention.self."
+# Backtracks exponentially on a module name (no match ends in a digit), in any backtracking regex engine;
+# matching it unbounded would hold the server for longer than anyone waits.
+BACKTRACKS = r"(?:(.)(.)(.)(.)(.)(.)(.)(.)(.)(.)|(.)(.)(.)(.)(.)|(.)(.)|.)*\d"
 
 
 @dataclass
@@ -172,6 +175,8 @@ def hostile_cases(good: Good) -> list[Case]:
         Case("DoRA", 422, V, config=cfg(use_dora=True)),
         Case("targets match nothing", 422, V, config=cfg(target_modules=["q_proj", "v_proj"])),
         Case("invalid target regex", 422, V, config=cfg(target_modules="(query")),
+        Case("target regex that backtracks without end", 422, V, config=cfg(target_modules=BACKTRACKS)),
+        Case("rank_pattern key that backtracks", 422, V, config=cfg(rank_pattern={BACKTRACKS: 4})),
         Case("layers_to_transform of the wrong type", 422, V, config=cfg(layers_to_transform="0-3")),
         Case("target_modules a number", 422, V, config=cfg(target_modules=5)),
         Case("modules_to_save an object", 422, V, config=cfg(modules_to_save={"classifier": 1})),
@@ -303,6 +308,9 @@ def test_messages_name_what_is_wrong(engine, good_dir):
         "target_modules a number": "Field 'target_modules'",
         "layers_to_transform with a string": "Field 'layers_to_transform'",
         "use_rslora a string": "Field 'use_rslora'",
+        "invalid target regex": "'(query' is not a regular expression",
+        "target regex that backtracks without end": "takes longer than",
+        "rank_pattern key that backtracks": "the pattern '(?:(.)(.)",  # its own, not the one built on it
     }
     for name, fragment in expected.items():
         case = by_name[name]
