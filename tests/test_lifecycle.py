@@ -1,6 +1,8 @@
 """Adapter lifecycle through a real server: upload, classify, hot swap, eviction, delete, hostile uploads.
 
 One server for the module (8 slots, host cache of 16, admin token set); each test uses its own adapter ids.
+Its engine is the real one behind a gate that the tests open and close (tests/paced_engine.py), so what
+overlaps what is set by the test, not by the machine's speed.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 
 from tests.lifecycle_support import TEXTS, AdapterFactory, PeftReference, raw_logits, upload
 from tests.live_server import LiveServer
+from tests.paced_engine import EngineControl
 from tests.peft_factory import peft_logits
 from tests.test_validation import MAX_LABELS, MAX_RANK, MAX_UPLOAD, hostile_cases, load_good, snapshot
 
@@ -35,12 +38,17 @@ def store_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(store_dir):
+def control() -> EngineControl:
+    return EngineControl()
+
+
+@pytest.fixture(scope="module")
+def server(store_dir, control):
     args = [
         "--adapter-store", str(store_dir), "--max-resident", str(SLOTS), "--max-host-cache", str(HOST_CACHE),
         "--max-rank", str(MAX_RANK), "--max-labels", str(MAX_LABELS), "--max-upload-bytes", str(MAX_UPLOAD),
     ]  # fmt: skip
-    with LiveServer(*args, env={"LORAPLEX_ADMIN_TOKEN": TOKEN}) as srv:
+    with LiveServer(*args, env={"LORAPLEX_ADMIN_TOKEN": TOKEN}, control=control) as srv:
         yield srv
 
 
@@ -238,23 +246,30 @@ def test_hot_swap_under_load(client, tmp_path, factory, reference):
                 rows = torch.tensor([list(r["scores"].values()) for r in body["results"]])
                 results.append((sent, 200, body["adapter_version"], rows))
 
+    def answer_after(moment: float) -> None:
+        """Wait until a request sent after `moment` has its answer, so that every version is asked for."""
+        deadline = time.monotonic() + 300
+        while not any(sent > moment for sent, *_ in list(results)):
+            assert time.monotonic() < deadline, "no answer for five minutes"
+            time.sleep(0.01)
+
     threads = [threading.Thread(target=hammer) for _ in range(4)]
     for thread in threads:
         thread.start()
     try:
+        answer_after(answered[0][0])
         for i in range(1, 21):
             response = upload(client, "swap", versions[i])
             assert response.status_code == 200, response.text
             index_of[response.json()["version"]] = i
             answered.append((time.monotonic(), i))
             expected[i] = reference.logits(versions[i], TEXTS)
-            time.sleep(0.05)
+            answer_after(answered[-1][0])
     finally:
         stop.set()
         for thread in threads:
             thread.join()
 
-    assert len(results) > 40
     assert [r for r in results if r[1] != 200] == []
     stale, wrong = [], []
     for sent, _, version, rows in results:
@@ -266,10 +281,10 @@ def test_hot_swap_under_load(client, tmp_path, factory, reference):
             stale.append((version, newest_answered))
     assert wrong == []
     assert stale == []
-    assert len({r[2] for r in results}) > 5  # the load really spanned many versions
+    assert set(index_of) == {r[2] for r in results}  # every version was answered, none other
 
 
-def test_delete_while_in_use(client, tmp_path, factory, reference):
+def test_delete_while_in_use(client, control, tmp_path, factory, reference):
     folder = factory.save(tmp_path / "a", seed=301)
     info = upload(client, "doomed", folder).json()
     expected = reference.logits(folder, TEXTS * 10)
@@ -285,14 +300,27 @@ def test_delete_while_in_use(client, tmp_path, factory, reference):
                 )
                 records.append((sent, time.monotonic(), response.status_code, response.json()))
 
+    def wait_until(done, what: str) -> None:
+        deadline = time.monotonic() + 300
+        while not done():
+            assert time.monotonic() < deadline, f"{what} did not happen within five minutes"
+            time.sleep(0.01)
+
+    entered = control.entered()[0]
+    control.hold()  # the requests sent now stay in the engine (and its queue) until after the DELETE
     threads = [threading.Thread(target=hammer) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    time.sleep(0.5)
-    delete_sent = time.monotonic()
-    deleted = client.delete("/adapters/doomed")
-    delete_answered = time.monotonic()
-    time.sleep(0.5)
+    try:
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: control.entered()[0] > entered, "a batch of 'doomed' reaching the engine")
+        delete_sent = time.monotonic()
+        deleted = client.delete("/adapters/doomed")
+        delete_answered = time.monotonic()
+    finally:
+        control.release()
+    wait_until(
+        lambda: any(sent > delete_answered for sent, *_ in list(records)), "a request after the DELETE"
+    )
     stop.set()
     for thread in threads:
         thread.join()
