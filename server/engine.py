@@ -175,7 +175,9 @@ class Engine:
         results: list[torch.Tensor | None] = [None] * len(token_ids)
         start = 0
         for size in length_groups(lengths, self.group_tokens, self.group_cost_tokens):
-            rows = order[start : start + size]
+            # Within a group, rows of one adapter side by side: the LoRA op can then take each adapter's
+            # rows as one segment (`loraplex.lora.by_segments`); the padding stays the group's.
+            rows = sorted(order[start : start + size], key=slots.__getitem__)
             start += size
             outputs = self._forward([token_ids[i] for i in rows], [slots[i] for i in rows])
             for i, output in zip(rows, outputs, strict=True):

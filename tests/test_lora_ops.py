@@ -1,11 +1,12 @@
-"""The gathered multi-LoRA op equals a slow per-row loop, whatever the adapter popularity."""
+"""The multi-LoRA op, gathered or by segments, equals a slow per-row loop, whatever the adapter popularity."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from loraplex.lora import lora_linear, pack_weight
+from loraplex import lora
+from loraplex.lora import add_segment_deltas, by_segments, lora_linear, pack_weight, slot_segments
 
 SLOTS, R_MAX, IN, OUT, BATCH, TOKENS = 16, 16, 24, 40, 12, 5
 
@@ -93,3 +94,53 @@ def test_zero_padding_beyond_rank_is_exact():
     zero_w, zero_b = torch.zeros(OUT, IN, dtype=torch.float64), torch.zeros(OUT, dtype=torch.float64)
     got = lora_linear(x, zero_w, zero_b, lora_A, lora_B, torch.tensor([0]), R_MAX)
     assert torch.allclose(got[0], x[0] @ a.T @ b.T, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["distinct", "uniform", "zipf", "identical"])
+@pytest.mark.parametrize("rank", [1, 8])
+@pytest.mark.parametrize("parts", [1, 3])
+@pytest.mark.parametrize("path", ["segments", "gathered"])
+def test_both_paths_equal_the_loop_on_rows_ordered_by_slot(kind, rank, parts, path, monkeypatch):
+    """As the engine runs a group: rows ordered by slot; each path forced in turn through lora_linear."""
+    monkeypatch.setattr(lora, "SEGMENT_MIN_TOKENS", 0 if path == "segments" else 10**9)
+    g = torch.Generator().manual_seed(rank * 10 + parts + 1)
+    idx = popularity(kind, g).sort().values
+    x = torch.randn(BATCH, TOKENS, IN, generator=g, dtype=torch.float64)
+    weight = torch.randn(parts * OUT, IN, generator=g, dtype=torch.float64)
+    bias = torch.randn(parts * OUT, generator=g, dtype=torch.float64)
+    lora_A = torch.randn(SLOTS, parts, R_MAX, IN, generator=g, dtype=torch.float64)
+    lora_B = block_diagonal_B(parts, torch.float64, g)
+    expected = reference(x, weight, bias, lora_A, lora_B, idx, rank)
+    assert by_segments(slot_segments(idx), TOKENS) == (path == "segments")
+    got = lora_linear(x, weight, bias, lora_A, lora_B, idx, rank)
+    assert torch.allclose(got, expected, atol=1e-10, rtol=1e-10)
+    got_first = lora_linear(x[:, :1], weight, bias, lora_A, lora_B, idx, rank)  # strided, as the pooler
+    assert torch.allclose(got_first, expected[:, :1], atol=1e-10, rtol=1e-10)
+    packed = pack_weight(weight.float(), bias.float())
+    if packed is not None:
+        got = lora_linear(x.float(), None, bias.float(), lora_A.float(), lora_B.float(), idx, rank, packed)
+        assert torch.allclose(got, expected.float(), atol=1e-3, rtol=1e-4)
+
+
+def test_segments_are_the_runs_of_equal_slots():
+    assert slot_segments(torch.tensor([2, 2, 5, 0, 0, 0])) == [(0, 2, 2), (2, 3, 5), (3, 6, 0)]
+    assert slot_segments(torch.tensor([7])) == [(0, 1, 7)]
+
+
+def test_segments_are_chosen_only_when_they_are_long():
+    """One adapter over a group of 13 rows of 40 tokens: segments; 13 adapters over them: gathered."""
+    one = slot_segments(torch.zeros(13, dtype=torch.long))
+    many = slot_segments(torch.arange(13))
+    assert by_segments(one, 40) and not by_segments(many, 40)
+    assert not by_segments(one, 1)  # the pooler's one token per row
+    assert not by_segments(None, 40)  # a device index is not read back
+
+
+def test_a_segment_adds_to_its_own_rows_only():
+    y = torch.zeros(3, 2, 4, dtype=torch.float64)
+    x = torch.ones(3, 2, 5, dtype=torch.float64)
+    lora_A = torch.ones(2, 1, 1, 5, dtype=torch.float64)
+    lora_B = torch.ones(2, 4, 1, 1, dtype=torch.float64)
+    add_segment_deltas(y, x, lora_A, lora_B, [(1, 2, 0)], 1)
+    assert torch.equal(y[1], torch.full((2, 4), 5.0, dtype=torch.float64))
+    assert not y[0].any() and not y[2].any()
