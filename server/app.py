@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from loraplex.adapters.errors import InvalidAdapterError, LoraplexError
 from loraplex.adapters.registry import Registry
 from loraplex.adapters.store import open_store
-from loraplex.batcher import Batcher
+from loraplex.batcher import Batcher, EngineThread
 from loraplex.engine import Engine
 from loraplex.errors import install_error_handlers
 from loraplex.metrics import Metrics
@@ -80,8 +80,9 @@ async def _lifespan(app: FastAPI):
 
 async def _start(app: FastAPI) -> None:
     s: Settings = app.state.settings
+    thread = EngineThread()  # the engine is built, warmed up and run on this one thread
     try:
-        engine = await asyncio.to_thread(
+        engine = await thread.run(
             app.state.engine_factory,  # Engine unless create_app was given another
             s.model,
             device=s.device,
@@ -105,8 +106,12 @@ async def _start(app: FastAPI) -> None:
             except LoraplexError as exc:
                 raise InvalidAdapterError(f"--preload {adapter_id}={folder}: {exc.message}") from exc
             log.info("preloaded adapter %s version %s from %s", adapter_id, record.version, folder)
-        await asyncio.to_thread(engine.warmup)
+        await thread.run(engine.warmup)
+    except asyncio.CancelledError:  # shut down while loading
+        thread.close()
+        raise
     except Exception as exc:
+        thread.close()
         app.state.failure = exc
         app.state.phase = "failed"
         return
@@ -120,6 +125,7 @@ async def _start(app: FastAPI) -> None:
         max_batch_size=s.max_batch_size,
         max_wait_s=s.max_wait_ms / 1000,
         max_queued=s.max_queued,
+        thread=thread,
     )
     batcher.start()
     registry.start()

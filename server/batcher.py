@@ -14,6 +14,10 @@ A batch that fails is run again split by adapter, so that only the requests of t
 fail (`blame`: 409 naming it, or 503 with Retry-After when the server is at fault, e.g. out of memory);
 the other adapters' requests get their answers.
 
+The engine is built, warmed up and run on one thread, its `EngineThread`, so that no other thread of the
+server runs the engine's parallel work: here, once a second thread that had run it stayed alive, the
+engine's own thread ran slower (bench/engine_thread.py).
+
 A cancel costs O(1), whatever the queue's length: it closes the job, whose queued entries are then
 skipped (and discarded) when the worker next takes a batch; `depth` counts only the live ones. When
 more than half of the queue is skipped entries, the queue is rebuilt once without them.
@@ -22,11 +26,14 @@ more than half of the queue is skipped entries, the queue is rebuilt once withou
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import math
+import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +44,39 @@ from loraplex.metrics import Metrics
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1  # what a request that failed through the server's fault is told to wait
+
+
+class EngineThread:
+    """One daemon thread that runs what it is given, in order: building the engine, warming it up, then the
+    batcher's worker loop. A daemon, like the worker always was: a batch still running at exit does not
+    hold the process."""
+
+    def __init__(self, name: str = "loraplex-engine"):
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable, *args, **kwargs) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._tasks.put((future, fn, args, kwargs))
+        return future
+
+    async def run(self, fn: Callable, *args, **kwargs):
+        """`fn(*args, **kwargs)` on this thread, awaited."""
+        return await asyncio.wrap_future(self.submit(fn, *args, **kwargs))
+
+    def close(self) -> None:
+        """End the thread once the tasks already given are done."""
+        self._tasks.put(None)
+
+    def _serve(self) -> None:
+        while (task := self._tasks.get()) is not None:
+            future, fn, args, kwargs = task
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args, **kwargs))
+                except BaseException as exc:  # handed to whoever waits on the future
+                    future.set_exception(exc)
 
 
 @dataclass(eq=False)
@@ -86,6 +126,7 @@ class Batcher:
         max_batch_size: int,
         max_wait_s: float,
         max_queued: int,
+        thread: EngineThread | None = None,  # the thread that built the engine; None: a new one
     ):
         self._engine = engine
         self._registry = registry
@@ -102,7 +143,8 @@ class Batcher:
         self._stopping = False
         self._rows_per_s = 0.0  # moving average of engine throughput, for Retry-After
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread = threading.Thread(target=self._run, name="loraplex-engine", daemon=True)
+        self._thread = thread or EngineThread()
+        self._worker: concurrent.futures.Future | None = None  # the worker loop, once started
 
     @property
     def depth(self) -> int:
@@ -110,7 +152,7 @@ class Batcher:
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._thread.start()
+        self._worker = self._thread.submit(self._run)
 
     async def stop(self, timeout: float = 30.0) -> None:
         """Finish the running batch, fail whatever is still queued, and join the worker."""
@@ -128,8 +170,9 @@ class Batcher:
         for job in jobs:
             job.closed = True
             _fail(job, UnavailableError("The server is shutting down; retry on another replica.", 1))
-        if self._thread.is_alive():
-            await asyncio.to_thread(self._thread.join, timeout)
+        if self._worker is not None:
+            await asyncio.to_thread(concurrent.futures.wait, [self._worker], timeout)
+        self._thread.close()
 
     def submit(self, token_ids: list[list[int]], handle) -> Job:
         """Queue one entry per input, all or none; raises OverloadedError past `max_queued`."""
