@@ -10,7 +10,7 @@ import torch
 
 from loraplex.adapters.errors import OverloadedError, UnavailableError
 from loraplex.adapters.registry import AdapterHandle
-from loraplex.batcher import Batcher, Entry, Job, take_batch
+from loraplex.batcher import Batcher, EngineThread, Entry, Job, take_batch
 from loraplex.metrics import Metrics
 
 
@@ -93,8 +93,11 @@ class GatedEngine:
         self.batches: list[list[list[int]]] = []
         self.entered = threading.Semaphore(0)
         self.gate = threading.Event()
+        self.built_on = threading.get_ident()
+        self.threads: set[int] = set()  # the threads that ran its batches
 
     def classify(self, token_ids, slots):
+        self.threads.add(threading.get_ident())
         self.batches.append(token_ids)
         self.entered.release()
         assert self.gate.wait(30)
@@ -211,3 +214,40 @@ def test_stop_fails_only_the_rows_still_live():
         await stopping
 
     run_batcher(scenario)
+
+
+def test_the_batcher_runs_the_engine_on_the_thread_it_is_given():
+    """As the app does: the engine built on an EngineThread, then the batcher's worker on the same one."""
+    thread = EngineThread()
+    engine = thread.submit(GatedEngine).result(timeout=30)
+    engine.gate.set()
+
+    async def main():
+        batcher = Batcher(
+            engine, OneSlotRegistry(), Metrics(), max_batch_tokens=10_000, max_batch_size=2,
+            max_wait_s=0, max_queued=100, thread=thread,
+        )  # fmt: skip
+        batcher.start()
+        try:
+            await batcher.submit([[1, 2]], HANDLE).future
+        finally:
+            await batcher.stop()
+
+    asyncio.run(main())
+    assert engine.threads == {engine.built_on}
+
+
+def test_engine_thread_runs_tasks_in_order_and_hands_back_errors():
+    thread = EngineThread()
+    seen = []
+    first = thread.submit(seen.append, 1)
+    failing = thread.submit(int, "not a number")
+    last = thread.submit(threading.get_ident)
+    assert first.result(timeout=30) is None and seen == [1]
+    with pytest.raises(ValueError):
+        failing.result(timeout=30)
+    ident = last.result(timeout=30)
+    assert ident != threading.get_ident()
+    assert asyncio.run(thread.run(threading.get_ident)) == ident  # one thread for every task
+    thread.close()
+    assert thread.submit(int, "1").done() is False  # nothing runs after close
