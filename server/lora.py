@@ -12,7 +12,7 @@ slices of `lora_B`: best when a few adapters each cover hundreds of tokens). The
 of a group by slot, so that each adapter is one segment.
 
 On the CPU the frozen matmul runs over a weight prepacked once (`pack_weight`): oneDNN's in float32 or
-bfloat16, or a dynamic int8 matmul (weights int8 per output channel, activations quantized per call);
+bfloat16, or a dynamic int8 matmul (weights int8 per output channel, activations per token, per call);
 the expand adds the delta, in the activations' precision, in place into its output. Elsewhere bias +
 delta seeds the accumulator of `addmm`, so the wide output is written once.
 """
@@ -20,7 +20,6 @@ delta seeds the accumulator of `addmm`, so the wide output is written once.
 from __future__ import annotations
 
 import logging
-import warnings
 from typing import Protocol
 
 import torch
@@ -213,26 +212,34 @@ class OneDnnLinear:
 
 
 class Int8Linear:
-    """Dynamic int8: the weight in int8 with one scale per output row, each input quantized per call.
+    """Dynamic int8: the weight in int8 with one scale per output row, each input row (token) quantized
+    with its own scale per call, an int8 x int8 -> int32 matmul, then both scales applied.
 
-    fbgemm's int8 kernels on CPUs without VNNI add pairs of products in 16 bits, which saturates on
-    full-range inputs; `reduce_range` quantizes inputs to 7 bits instead, and `pack_weight` picks it
-    where it measures more accurate.
+    A scale per token rather than per call keeps one token's outliers (BERT's [CLS] and [SEP] carry
+    a few very large channels) from flattening every other token's range, and makes each row's answer
+    independent of the rows batched with it. The matmul is oneDNN's. On CPUs whose int8 kernels add
+    pairs of products in 16 bits, full-range inputs can saturate; `levels` = 63 (7-bit inputs) avoids
+    that, and `pack_weight` picks whichever of 127 and 63 measures more accurate.
     """
 
     kind = "int8"
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, reduce_range: bool):
-        scale = (weight.abs().amax(1) / 127).clamp_min(1e-12)  # [out]
-        zero = torch.zeros(weight.shape[0], dtype=torch.long)
-        with warnings.catch_warnings():  # the quantized tensor API warns of its future removal
-            warnings.simplefilter("ignore")
-            quantized = torch.quantize_per_channel(weight, scale, zero, 0, torch.qint8)
-            self.params = torch.ops.quantized.linear_prepack(quantized, bias)
-        self.reduce_range = reduce_range
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, levels: int):
+        self.scale = (weight.abs().amax(1) / 127).clamp_min(1e-12)  # [out]
+        quantized = torch.round(weight / self.scale[:, None]).to(torch.int8)  # [out, in]
+        self.weight = torch.ops.onednn.qlinear_prepack(quantized, None)  # opaque oneDNN layout
+        self.zero = torch.zeros(weight.shape[0], dtype=torch.long)  # symmetric: no zero points
+        self.bias = bias  # [out]
+        self.levels = levels
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.quantized.linear_dynamic(x, self.params, self.reduce_range)
+        step = (x.abs().amax(1, keepdim=True) / self.levels).clamp_min(1e-12)  # [N, 1]
+        quantized = x.div(step).round_().to(torch.int8)  # [N, in]
+        # int32 sums times the weight's scales, in float32 (oneDNN applies them), then each token's step
+        y = torch.ops.onednn.qlinear_pointwise(
+            quantized, 1.0, 0, self.weight, self.scale, self.zero, None, 1.0, 0, torch.float32, "none", [], ""
+        ).mul_(step)  # [N, out]
+        return y if self.bias is None else y.add_(self.bias)
 
 
 # How far a packed matmul may be from F.linear on the start-up check (norm of the difference over the
@@ -265,8 +272,8 @@ def pack_weight(weight: torch.Tensor, bias: torch.Tensor | None, int8: bool = Fa
 def _int8_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> PackedLinear | None:
     """The more accurate of the two input ranges on this CPU, if it passes the check."""
     choices = []
-    for reduce_range in (False, True):
-        packed = _checked(lambda r=reduce_range: Int8Linear(weight, bias, r), weight, bias, None)
+    for levels in (127, 63):
+        packed = _checked(lambda n=levels: Int8Linear(weight, bias, n), weight, bias, None)
         if packed is not None:
             choices.append((_error(packed, weight, bias), packed))
     if not choices:

@@ -96,6 +96,21 @@ def test_float16_on_cpu_and_int8_on_cuda_are_refused():
         Engine(device="cpu", dtype="int4")
 
 
+def test_int8_quantizes_each_token_on_its_own():
+    """A token's int8 answer does not depend on the other tokens of the call: one token a thousand
+    times larger leaves every other token's output bit for bit the same."""
+    g = torch.Generator().manual_seed(1)
+    weight, bias = torch.randn(48, 32, generator=g) * 0.1, torch.randn(48, generator=g)
+    x = torch.randn(7, 32, generator=g)
+    loud = x.clone()
+    loud[3] *= 1000
+    packed = pack_weight(weight, bias, int8=True)
+    assert packed is not None and packed.kind == "int8"
+    others = [0, 1, 2, 4, 5, 6]
+    assert torch.equal(packed(x)[others], packed(loud)[others])
+    assert torch.equal(packed(x)[:1], packed(x[:1]))
+
+
 def test_pack_weight_int8_and_its_check():
     g = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(48, 32, generator=g) * 0.1, torch.randn(48, generator=g)
