@@ -42,14 +42,14 @@ def _check(request: Request, accepted: tuple[SecretStr | None, ...], what: str) 
         raise UnauthorizedError(f"The bearer token is not valid for {what}.")
 
 
-def require_api_key(request: Request) -> None:
+async def require_api_key(request: Request) -> None:
     """Inference and adapter reads: the API key or the admin token, when an API key is set."""
     settings = request.app.state.settings
     if settings.api_key is not None:
         _check(request, (settings.api_key, settings.admin_token), "this route")
 
 
-def require_admin(request: Request) -> None:
+async def require_admin(request: Request) -> None:
     """Adapter writes (PUT, DELETE): the admin token; without one, only on loopback or when allowed."""
     settings = request.app.state.settings
     if settings.admin_token is None and not (settings.loopback_only or settings.allow_unauthenticated_writes):
@@ -62,5 +62,7 @@ def require_admin(request: Request) -> None:
     _check(request, (settings.admin_token,), "changing adapters")
 
 
+# Both checks are coroutines although they never wait: FastAPI runs a plain function dependency on its
+# thread pool, a thread hop (and a wake-up of the event loop) on every request.
 ApiKeyAuth = Annotated[None, Depends(require_api_key)]
 AdminAuth = Annotated[None, Depends(require_admin)]
