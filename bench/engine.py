@@ -6,9 +6,9 @@
     python bench/engine.py --device cuda --dtype float16   # all variants on the GPU in that precision
 
 (a) the bare Hugging Face model, no LoRA; (b) the loraplex engine with K distinct rank-8 adapters on every
-linear layer; (c) PEFT's mixed-batch inference (`adapter_names=`); (d) PEFT with `set_adapter` per
-sub-batch. All in one process on the same batch, timed in interleaved rounds; figures are medians of
-sequences per second.
+linear layer (or on `--targets`, e.g. `query,value`); (c) PEFT's mixed-batch inference
+(`adapter_names=`); (d) PEFT with `set_adapter` per sub-batch. All in one process on the same batch,
+timed in interleaved rounds; figures are medians of sequences per second.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)
 from bench.common import ALL_LINEAR, SHAPES, interleaved_medians, model_dir, tweets  # noqa: E402
 
 
-def peft_model_with_adapters(path: str, k: int, num_labels: int = 3):
+def peft_model_with_adapters(path: str, k: int, num_labels: int = 3, targets: list[str] | None = None):
+    """PEFT's model with `k` random rank-8 adapters on `targets` (default: every linear layer)."""
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
@@ -39,7 +40,7 @@ def peft_model_with_adapters(path: str, k: int, num_labels: int = 3):
         task_type=TaskType.SEQ_CLS,
         r=8,
         lora_alpha=16,
-        target_modules=ALL_LINEAR[base.config.model_type],
+        target_modules=targets or ALL_LINEAR[base.config.model_type],
         modules_to_save=head_modules(family, base.config),
         init_lora_weights=False,
     )
@@ -59,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "int8"])
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the bare model and PEFT run there too)")
+    parser.add_argument(
+        "--targets", default=None, help="comma list of modules the adapters target (default: every linear)"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
 
@@ -89,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     engine_tokens = sum(size * lengths[start] for size, start in zip(sizes, starts, strict=True))
     print(f"engine: groups of {sizes} rows, {engine_tokens} tokens with padding, matmul={engine.matmul}")
 
-    peft = peft_model_with_adapters(path, max(ks))
+    targets = args.targets.split(",") if args.targets else None
+    peft = peft_model_with_adapters(path, max(ks), targets=targets)
     for i in range(max(ks)):
         state = get_peft_model_state_dict(peft, adapter_name=f"a{i}")
         engine.load_slot(
@@ -170,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                     "device": str(device),
                     "rows": args.rows,
                     "tokens": tokens,
+                    "targets": targets or "all linear",
                     "engine_groups": sizes,
                     "engine_padded_tokens": engine_tokens,
                     "seq_per_s": results,

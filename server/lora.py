@@ -53,9 +53,29 @@ class SlotLinear(nn.Module):
         self.register_buffer("lora_B", torch.zeros(slots, weight.shape[0], self.parts, r_max, dtype=dtype))
 
         self.packed: PackedLinear | None = None  # the frozen matmul over a prepacked weight (`pack`)
+        # On the host: each slot's rank in each part here (0: its adapter does not target that part).
+        self.part_rank = [[0] * self.parts for _ in range(slots)]
+        self.slot_rank = [0] * slots  # the largest of a slot's part ranks
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, rank: int) -> torch.Tensor:
-        return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, idx, rank, self.packed)
+        """`rank` is the batch's largest; where the slots can be read on the host (the CPU), this layer
+        uses its own rows' largest rank here, so that a layer none of their adapters targets (PEFT's
+        default targets only query and value) runs its frozen matmul alone."""
+        segments = slot_segments(idx) if rank else None
+        if segments is not None:
+            rank = min(rank, max(self.slot_rank[slot] for *_, slot in segments))
+        return lora_linear(
+            x,
+            self.weight,
+            self.bias,
+            self.lora_A,
+            self.lora_B,
+            idx,
+            rank,
+            self.packed,
+            segments,
+            self.part_rank,
+        )
 
     def pack(self, int8: bool = False) -> str:
         """Prepack the frozen weight for the CPU matmul (on the final device), in int8 if asked and it
@@ -71,10 +91,13 @@ class SlotLinear(nn.Module):
         rows = slice(part * self.part_out, (part + 1) * self.part_out)
         self.lora_A[slot, part].zero_()
         self.lora_B[slot, rows, part].zero_()
+        self.part_rank[slot][part] = 0
         if lora_A is not None:
             r = lora_A.shape[0]
             self.lora_A[slot, part, :r].copy_(lora_A)
             self.lora_B[slot, rows, part, :r].copy_(lora_B)
+            self.part_rank[slot][part] = r
+        self.slot_rank[slot] = max(self.part_rank[slot])
 
 
 def lora_linear(
@@ -86,6 +109,8 @@ def lora_linear(
     idx: torch.Tensor,  # [B] int64, slot of each row
     rank: int,  # largest rank among the slots in idx; 0: no row has a delta
     packed: PackedLinear | None = None,  # the frozen matmul over `weight` prepacked by `pack_weight`
+    segments: list[tuple[int, int, int]] | None = None,  # `slot_segments(idx)`, if already read
+    part_rank: list[list[int]] | None = None,  # [slot][part] rank here, if known: segments skip 0
 ) -> torch.Tensor:
     """Returns `y: [B, T, out]` with, for every row i and slot s = idx[i],
 
@@ -96,10 +121,11 @@ def lora_linear(
     flat = x.reshape(-1, in_features)  # [B * T, in]
     if rank == 0:
         return frozen_linear(flat, weight, bias, packed).view(batch, tokens, out_features)
-    segments = slot_segments(idx)
+    if segments is None:
+        segments = slot_segments(idx)
     if by_segments(segments, tokens):
         y = frozen_linear(flat, weight, bias, packed).view(batch, tokens, out_features)
-        return add_segment_deltas(y, x, lora_A, lora_B, segments, rank)
+        return add_segment_deltas(y, x, lora_A, lora_B, segments, rank, part_rank)
     return gathered_lora_linear(x, weight, bias, lora_A, lora_B, idx, rank, packed)
 
 
@@ -166,18 +192,26 @@ def add_segment_deltas(
     lora_B: torch.Tensor,  # [slots, out, parts, r_max]
     segments: list[tuple[int, int, int]],  # (first row, end row, slot), from `slot_segments`
     rank: int,
+    part_rank: list[list[int]] | None = None,  # [slot][part]: its own rank (<= `rank`), 0: no LoRA
 ) -> torch.Tensor:
-    """`y[a:b] += x[a:b] @ lora_A[s, p, :rank].T @ lora_B[s, part p's outputs, p, :rank].T` for every
-    segment and part: each adapter's A and B read once, and only the non-zero blocks of `lora_B`."""
+    """`y[a:b] += x[a:b] @ lora_A[s, p, :r].T @ lora_B[s, part p's outputs, p, :r].T` for every segment
+    and part, r the slot's own rank: each adapter's A and B read once, only the non-zero blocks of
+    `lora_B`, and nothing for a part its adapter does not target."""
     parts, in_features = lora_A.shape[1], x.shape[-1]
     part_out = lora_B.shape[1] // parts
     for start, end, slot in segments:
+        ranks = [rank] * parts if part_rank is None else part_rank[slot]
+        r = min(rank, max(ranks))
+        if r == 0:
+            continue
         xs = x[start:end].reshape(-1, in_features)  # [n, in]
         ys = y[start:end].view(-1, y.shape[-1])  # [n, out]
-        h = xs @ lora_A[slot, :, :rank].reshape(-1, in_features).t()  # [n, parts * rank]
+        h = xs @ lora_A[slot, :, :r].reshape(-1, in_features).t()  # [n, parts * rank]
         for p in range(parts):
+            if not ranks[p]:
+                continue
             outputs = slice(p * part_out, (p + 1) * part_out)
-            ys[:, outputs].addmm_(h[:, p * rank : (p + 1) * rank], lora_B[slot, outputs, p, :rank].t())
+            ys[:, outputs].addmm_(h[:, p * r : (p + 1) * r], lora_B[slot, outputs, p, :r].t())
     return y
 
 

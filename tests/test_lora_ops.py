@@ -144,3 +144,47 @@ def test_a_segment_adds_to_its_own_rows_only():
     add_segment_deltas(y, x, lora_A, lora_B, [(1, 2, 0)], 1)
     assert torch.equal(y[1], torch.full((2, 4), 5.0, dtype=torch.float64))
     assert not y[0].any() and not y[2].any()
+
+
+def _slot_linear(parts: int) -> lora.SlotLinear:
+    g = torch.Generator().manual_seed(parts)
+    linears = [torch.nn.Linear(IN, OUT) for _ in range(parts)]
+    with torch.no_grad():
+        for linear in linears:
+            linear.weight.copy_(torch.randn(OUT, IN, generator=g))
+            linear.bias.copy_(torch.randn(OUT, generator=g))
+    return lora.SlotLinear(linears, SLOTS, R_MAX, torch.float32)
+
+
+@pytest.mark.parametrize("path", ["segments", "gathered"])
+def test_a_layer_that_no_row_targets_runs_its_frozen_matmul_alone(path, monkeypatch):
+    """Slot 1's adapter has LoRA elsewhere in the model but not here: with a batch rank of 8, its rows
+    still get the frozen matmul alone here; slot 0's rows get their LoRA, on the parts it targets."""
+    monkeypatch.setattr(lora, "SEGMENT_MIN_TOKENS", 0 if path == "segments" else 10**9)
+    layer = _slot_linear(parts=3)
+    g = torch.Generator().manual_seed(7)
+    a = [torch.randn(8, IN, generator=g) for _ in range(3)]
+    b = [torch.randn(OUT, 8, generator=g) for _ in range(3)]
+    layer.write(0, 0, a[0], b[0])  # query and value, as PEFT's default targets; not key
+    layer.write(0, 2, a[2], b[2])
+    assert layer.part_rank[0] == [8, 0, 8] and layer.slot_rank[:2] == [8, 0]
+    x = torch.randn(4, TOKENS, IN, generator=g)
+    frozen = x @ layer.weight.T + layer.bias
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a LoRA op ran for rows without LoRA on this layer")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(lora, "gathered_lora_linear", forbidden)
+        patch.setattr(lora, "add_segment_deltas", forbidden)
+        got = layer(x, torch.tensor([1, 1, 1, 1]), 8)
+    assert torch.allclose(got, frozen, atol=1e-5)
+    idx = torch.tensor([0, 0, 1, 1])
+    got = layer(x, idx, 8)
+    want = frozen.clone()
+    want[:2, :, :OUT] += x[:2] @ a[0].T @ b[0].T
+    want[:2, :, 2 * OUT :] += x[:2] @ a[2].T @ b[2].T
+    assert torch.allclose(got, want, atol=1e-4)
+    layer.write(0, 0, None, None)  # cleared: the slot's rank follows
+    layer.write(0, 2, None, None)
+    assert layer.slot_rank[0] == 0
