@@ -55,7 +55,6 @@ class SlotLinear(nn.Module):
         self.packed: PackedLinear | None = None  # the frozen matmul over a prepacked weight (`pack`)
         # On the host: each slot's rank in each part here (0: its adapter does not target that part).
         self.part_rank = [[0] * self.parts for _ in range(slots)]
-        self.slot_rank = [0] * slots  # the largest of a slot's part ranks
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, rank: int) -> torch.Tensor:
         """`rank` is the batch's largest; where the slots can be read on the host (the CPU), this layer
@@ -63,7 +62,7 @@ class SlotLinear(nn.Module):
         default targets only query and value) runs its frozen matmul alone."""
         segments = slot_segments(idx) if rank else None
         if segments is not None:
-            rank = min(rank, max(self.slot_rank[slot] for *_, slot in segments))
+            rank = min(rank, max(max(self.part_rank[slot]) for *_, slot in segments))
         return lora_linear(
             x,
             self.weight,
@@ -97,7 +96,6 @@ class SlotLinear(nn.Module):
             self.lora_A[slot, part, :r].copy_(lora_A)
             self.lora_B[slot, rows, part, :r].copy_(lora_B)
             self.part_rank[slot][part] = r
-        self.slot_rank[slot] = max(self.part_rank[slot])
 
 
 def lora_linear(

@@ -167,7 +167,7 @@ def test_a_layer_that_no_row_targets_runs_its_frozen_matmul_alone(path, monkeypa
     b = [torch.randn(OUT, 8, generator=g) for _ in range(3)]
     layer.write(0, 0, a[0], b[0])  # query and value, as PEFT's default targets; not key
     layer.write(0, 2, a[2], b[2])
-    assert layer.part_rank[0] == [8, 0, 8] and layer.slot_rank[:2] == [8, 0]
+    assert layer.part_rank[:2] == [[8, 0, 8], [0, 0, 0]]
     x = torch.randn(4, TOKENS, IN, generator=g)
     frozen = x @ layer.weight.T + layer.bias
 
@@ -187,4 +187,4 @@ def test_a_layer_that_no_row_targets_runs_its_frozen_matmul_alone(path, monkeypa
     assert torch.allclose(got, want, atol=1e-4)
     layer.write(0, 0, None, None)  # cleared: the slot's rank follows
     layer.write(0, 2, None, None)
-    assert layer.slot_rank[0] == 0
+    assert layer.part_rank[0] == [0, 0, 0]
