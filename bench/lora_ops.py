@@ -2,6 +2,7 @@
 
     python bench/lora_ops.py                      # MiniLM and bert-base linears, 13 rows of 40 tokens
     python bench/lora_ops.py --rows 4 --tokens 250
+    python bench/lora_ops.py --ks 13 --dtype bfloat16   # every tensor in bfloat16, as --dtype bfloat16 serves
 
 One group of rows as the engine runs it (rows ordered by slot), rank 8, each linear of an encoder layer;
 for K adapters spread over the rows, the extra time of each delta path over the frozen matmul alone
@@ -35,6 +36,8 @@ def time_linear(inp: int, out: int, parts: int, args, g: torch.Generator):
     lora_B = torch.zeros(slots, parts * out, parts, args.rank)  # block diagonal, as SlotLinear's
     for p in range(parts):
         lora_B[:, p * out : (p + 1) * out, p] = torch.randn(slots, out, args.rank, generator=g)
+    dtype = getattr(torch, args.dtype)
+    x, weight, bias, lora_A, lora_B = (t.to(dtype) for t in (x, weight, bias, lora_A, lora_B))
     packed = pack_weight(weight, bias)
     flat = x.reshape(-1, inp)
 
@@ -73,9 +76,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--calls", type=int, default=50, help="calls per timed round")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args(argv)
+    from loraplex.engine import keep_freed_memory
 
-    print(f"rows={args.rows} tokens={args.tokens} rank={args.rank} threads={torch.get_num_threads()}")
+    keep_freed_memory()  # as the engine runs
+
+    print(
+        f"rows={args.rows} tokens={args.tokens} rank={args.rank} dtype={args.dtype} "
+        f"threads={torch.get_num_threads()}"
+    )
     print(f"{'shape':<10} {'linear':<14} {'K':>3} {'frozen us':>10} {'gathered':>9} {'segments':>9}")
     g = torch.Generator().manual_seed(0)
     for name, (hidden, inter) in SHAPES.items():
