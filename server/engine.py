@@ -62,7 +62,7 @@ def default_model_dir() -> str:
 # glibc's malloc: blocks up to this size come from the heap rather than fresh pages of their own, and freed
 # memory up to this size stays in the process. A forward pass allocates and frees the same activations
 # every time; with glibc's defaults, MiniLM in float32 on 64 tweets took ~20k page faults a pass and
-# ran ~10% slower, and the server at 64 clients ~5% (bench/serving.py, runs with and without).
+# ran ~10% slower (the engine alone in a process of its own).
 MALLOC_MMAP_THRESHOLD = 32 << 20  # glibc's largest allowed value
 MALLOC_TRIM_THRESHOLD = 1 << 30
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
