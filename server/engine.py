@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 from pathlib import Path
 
@@ -68,6 +69,7 @@ MALLOC_TRIM_THRESHOLD = 1 << 30
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
 
 
+@functools.cache  # once a process: finding libc runs a subprocess
 def keep_freed_memory() -> bool:
     """Let glibc reuse freed activations instead of returning them to the OS and faulting them back in
     on the next pass (the resident size stays at the largest pass's). False where libc is not glibc."""
