@@ -73,6 +73,14 @@ class AdapterHandle:
     def key(self) -> Key:
         return (self.adapter_id, self.version)
 
+    @property
+    def task(self) -> str:
+        return self.weights.task
+
+    @property
+    def problem_type(self) -> str | None:
+        return self.weights.problem_type
+
 
 @dataclass(frozen=True)
 class _Known:

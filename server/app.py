@@ -1,25 +1,23 @@
-"""The FastAPI app: `create_app(settings)` builds it; the lifespan loads the model and starts the batcher.
+"""The FastAPI app of one HTTP worker: `create_app(settings, link)` builds it; the lifespan connects to the
+engine process and loads the tokenizer.
 
-Loading runs in the background so that /health answers at once and /ready says 503 until the model is
-warm. `app.state` holds settings, metrics and `phase` ("loading" -> "ready" -> "draining", or "failed"),
-and once ready: engine, store, registry, batcher and the tokenizer's thread.
+Connecting runs in the background so that /health answers at once and /ready says 503 until the engine
+process is warm. `app.state` holds settings, metrics and `phase` ("loading" -> "ready" -> "draining", or
+"failed" when the engine process ends), and once ready: the engine client and `base` (the served model's
+name, its tokenizer and its longest input).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+import os
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 from fastapi import FastAPI
 
-from loraplex.adapters.errors import InvalidAdapterError, LoraplexError
-from loraplex.adapters.registry import Registry
-from loraplex.adapters.store import open_store
-from loraplex.batcher import Batcher, EngineThread
-from loraplex.engine import Engine
+from loraplex.engine_client import EngineClient
 from loraplex.errors import install_error_handlers
 from loraplex.metrics import Metrics
 from loraplex.middleware import ServingMiddleware
@@ -30,8 +28,27 @@ from loraplex.settings import Settings
 log = logging.getLogger("loraplex.app")
 
 
-def create_app(settings: Settings, *, engine_factory: Callable[..., Engine] = Engine) -> FastAPI:
-    """The app for `settings`; `engine_factory` is called like `Engine` to build the engine at start-up."""
+@dataclass(frozen=True)
+class EngineLink:
+    """Where this worker finds the engine process: its socket, and a pipe that closes when it ends."""
+
+    address: str  # a ZeroMQ endpoint, e.g. ipc:///tmp/loraplex-x/engine
+    alive_fd: int | None = None  # read end of a pipe whose write end only the engine process holds
+    identity: str = ""  # this worker's name towards the engine ("w<index>-<pid>")
+
+
+@dataclass(frozen=True)
+class Base:
+    """The served base model as a worker sees it."""
+
+    model_name: str
+    model_dir: str
+    max_length: int  # tokens, special tokens included
+    tokenizer: object
+
+
+def create_app(settings: Settings, link: EngineLink | None = None) -> FastAPI:
+    """The worker app for `settings`, talking to the engine process at `link` (None: never ready)."""
     app = FastAPI(
         title="loraplex",
         summary="One frozen BERT, many LoRA classification adapters, one forward pass.",
@@ -40,13 +57,15 @@ def create_app(settings: Settings, *, engine_factory: Callable[..., Engine] = En
         redoc_url=None,
     )
     app.state.settings = settings
-    app.state.engine_factory = engine_factory
+    app.state.link = link
     app.state.metrics = Metrics(settings.metrics_max_adapters)
     app.state.phase = "loading"
     app.state.failure = None  # the exception that stopped start-up
     app.state.inflight = 0  # requests on work routes, for the drain
-    app.state.engine = app.state.store = app.state.registry = app.state.batcher = app.state.tokenizer = None
-    app.state.metrics.in_flight.set_function(lambda: app.state.inflight)
+    app.state.client = app.state.base = None
+    # The worker's index (identity "w<index>-<pid>"), in the X-Loraplex-Worker header of every answer.
+    identity = link.identity if link and link.identity else "w0"
+    app.state.worker_header = identity.split("-", 1)[0].removeprefix("w").encode()
     install_error_handlers(app)
     app.add_middleware(ServingMiddleware)
     app.include_router(health.router)
@@ -69,75 +88,46 @@ async def _lifespan(app: FastAPI):
     finally:
         if not starting.done():
             starting.cancel()
-        batcher: Batcher | None = app.state.batcher
-        if batcher is not None:
-            await batcher.stop()
-        if app.state.registry is not None:
-            await app.state.registry.close()
-        if app.state.tokenizer is not None:
-            app.state.tokenizer.shutdown(wait=False, cancel_futures=True)
+        client: EngineClient | None = app.state.client
+        if client is not None:
+            await client.close()
 
 
 async def _start(app: FastAPI) -> None:
-    s: Settings = app.state.settings
-    thread = EngineThread()  # the engine is built, warmed up and run on this one thread
+    link: EngineLink | None = app.state.link
+    if link is None:
+        return
+    loop = asyncio.get_running_loop()
+    client = EngineClient(link.address, link.identity or f"w0-{os.getpid()}")
+    await client.start()
+    app.state.client = client
+    if link.alive_fd is not None:
+        loop.add_reader(link.alive_fd, _engine_ended, app, link.alive_fd)
     try:
-        engine = await thread.run(
-            app.state.engine_factory,  # Engine unless create_app was given another
-            s.model,
-            device=s.device,
-            dtype=s.dtype,
-            num_slots=s.max_resident,
-            max_rank=s.max_rank,
-            max_labels=s.max_labels,
-        )
-        store = await asyncio.to_thread(open_store, s.adapter_store)
-        registry = Registry(
-            store,
-            engine,
-            max_host_cache=s.max_host_cache,
-            staleness_s=s.staleness_s,
-            max_rank=s.max_rank,
-            max_labels=s.max_labels,
-        )
-        for adapter_id, folder in s.preload_items():
-            try:
-                record, _ = await registry.import_dir(adapter_id, folder)
-            except LoraplexError as exc:
-                raise InvalidAdapterError(f"--preload {adapter_id}={folder}: {exc.message}") from exc
-            log.info("preloaded adapter %s version %s from %s", adapter_id, record.version, folder)
-        await thread.run(engine.warmup)
-    except asyncio.CancelledError:  # shut down while loading
-        thread.close()
-        raise
+        info = await client.call("hello")
+        tokenizer = await asyncio.to_thread(_load_tokenizer, info["model_dir"])
     except Exception as exc:
-        thread.close()
         app.state.failure = exc
         app.state.phase = "failed"
         return
-    metrics: Metrics = app.state.metrics
-    metrics.watch_registry(registry)
-    batcher = Batcher(
-        engine,
-        registry,
-        metrics,
-        max_batch_tokens=s.max_batch_tokens,
-        max_batch_size=s.max_batch_size,
-        max_wait_s=s.max_wait_ms / 1000,
-        max_queued=s.max_queued,
-        thread=thread,
-    )
-    batcher.start()
-    registry.start()
-    metrics.queue_depth.set_function(lambda: batcher.depth)
-    app.state.engine = engine
-    app.state.store = store
-    app.state.registry = registry
-    app.state.batcher = batcher
-    # One thread: tokenization stays off the event loop and never runs concurrently with itself.
-    app.state.tokenizer = ThreadPoolExecutor(1, thread_name_prefix="loraplex-tokenize")
-    app.state.phase = "ready"
-    log.info(
-        "ready: %s on %s, %d slots, batches of up to %d rows / %d tokens",
-        s.model or "all-MiniLM-L6-v2", engine.device, engine.num_slots, s.max_batch_size, s.max_batch_tokens,
-    )  # fmt: skip
+    app.state.base = Base(info["model_name"], info["model_dir"], info["max_length"], tokenizer)
+    if app.state.phase == "loading":
+        app.state.phase = "ready"
+        log.info("worker %s ready", client.identity)
+
+
+def _engine_ended(app: FastAPI, fd: int) -> None:
+    """The engine process is gone (its end of the pipe closed): not ready, and nothing waits for it."""
+    if os.read(fd, 1):
+        return
+    asyncio.get_running_loop().remove_reader(fd)
+    if app.state.phase != "draining":
+        app.state.phase = "failed"
+    log.error("the engine process stopped; this worker answers 503 until the server exits")
+    app.state.client.engine_gone()
+
+
+def _load_tokenizer(model_dir: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 from loraplex.adapters.errors import InvalidInputError
+from loraplex.tasks import softmax
 
 WORD_AGGREGATIONS = ("first", "average", "max")  # need a tokenizer that knows word boundaries
 
@@ -90,7 +91,7 @@ def token_pieces(tokenizer, texts: list[str], max_length: int, side_tokenizer=No
 
 def entities(
     pieces: list[Piece],
-    logits: torch.Tensor,  # [tokens, labels] of the row the pieces index
+    logits: np.ndarray,  # [tokens, labels] of the row the pieces index
     labels: tuple[str, ...] | list[str],
     tokenizer,
     aggregation: str = "simple",
@@ -98,7 +99,7 @@ def entities(
 ) -> list[dict]:
     """The row's entities, in text order, as the token-classification pipeline reports them."""
     # Plain lists from here on: a few labels per token are cheaper in Python than one tensor op each.
-    scores = torch.softmax(logits.float(), dim=-1).tolist()  # [tokens][labels]
+    scores = softmax(np.asarray(logits, dtype=np.float32)).tolist()  # [tokens][labels]
     if aggregation in ("none", "simple"):
         tagged = []
         for piece in pieces:

@@ -1,11 +1,21 @@
-"""Prometheus metrics, all prefixed `loraplex_`, in a registry of their own per app."""
+"""Prometheus metrics, all prefixed `loraplex_`, in a registry of their own per process.
+
+A server is several processes (HTTP workers and the engine process). `loraplex serve` points
+PROMETHEUS_MULTIPROC_DIR at a folder of its own before any of them starts, so every process's counters
+and histograms are files there, and a worker's /metrics reads them all (`render`): one view of the whole
+server, whichever worker answers. What only the engine process knows at scrape time (queue depth, slots,
+host cache) comes from its `stats` answer (`render(stats)`).
+"""
 
 from __future__ import annotations
 
+import os
 import threading
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 OTHER_ADAPTERS = "other"
@@ -58,10 +68,10 @@ class Metrics:
             "loraplex_batch_adapters", "Distinct adapters in one forward pass.",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r,
         )  # fmt: skip
-        self.queue_depth = Gauge("loraplex_queue_depth", "Inputs waiting for the engine.", registry=r)
         self.in_flight = Gauge(
-            "loraplex_requests_in_flight", "Requests on work routes not yet answered.", registry=r
-        )
+            "loraplex_requests_in_flight", "Requests on work routes not yet answered.", registry=r,
+            multiprocess_mode="livesum",
+        )  # fmt: skip
         self.inputs = Counter(
             "loraplex_inputs", "Inputs classified, by adapter (past the label limit: 'other').",
             ["adapter"], registry=r,
@@ -91,42 +101,58 @@ class Metrics:
         return OTHER_ADAPTERS
 
     def watch_registry(self, registry) -> None:
-        """Report the adapter registry: load times as they happen, counters read at scrape time."""
+        """Report the adapter registry's load times as they happen (engine process)."""
         registry.load_listeners.append(
             lambda tier, seconds: self.adapter_load_seconds.labels(tier).observe(seconds)
         )
-        self.registry.register(_RegistryCollector(registry))
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, stats: dict | None = None) -> bytes:
+        """Every process's metrics (this one's alone outside a multi-process server), and `stats`, the
+        engine process's gauges and counters at this moment."""
+        if os.environ.get(MULTIPROCESS_ENV):
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+        else:
+            registry = self.registry
+        if stats is None:
+            return generate_latest(registry)
+        collector = _EngineCollector(stats)
+        registry.register(collector)
+        try:
+            return generate_latest(registry)
+        finally:
+            registry.unregister(collector)
 
 
-class _RegistryCollector:
-    """Reads `loraplex.adapters.registry.Registry` counters when Prometheus scrapes."""
+class _EngineCollector:
+    """The engine process's queue and registry counters (its `stats` answer), for one scrape."""
 
-    def __init__(self, registry):
-        self._registry = registry
+    def __init__(self, stats: dict):
+        self._stats = stats
 
     def describe(self):
         return []
 
     def collect(self):
-        r = self._registry
+        s = self._stats
+        yield GaugeMetricFamily("loraplex_queue_depth", "Inputs waiting for the engine.", s["queue_depth"])
         yield GaugeMetricFamily(
-            "loraplex_resident_adapters", "Adapters resident in engine slots.", r.resident
+            "loraplex_resident_adapters", "Adapters resident in engine slots.", s["resident"]
         )
         yield GaugeMetricFamily(
-            "loraplex_host_cached_adapters", "Adapters parsed in host memory.", r.host_cached
-        )
-        yield CounterMetricFamily("loraplex_slot_hits", "Batch adapters already resident in a slot.", r.hits)
-        yield CounterMetricFamily("loraplex_slot_misses", "Batch adapters written into a slot.", r.misses)
-        yield CounterMetricFamily(
-            "loraplex_slot_evictions", "Slot writes that displaced an adapter.", r.evictions
-        )
-        yield CounterMetricFamily("loraplex_store_loads", "Adapters read from the store.", r.store_loads)
-        yield CounterMetricFamily(
-            "loraplex_store_damaged", "Damaged or foreign store entries skipped or refused.", r.damaged
+            "loraplex_host_cached_adapters", "Adapters parsed in host memory.", s["host_cached"]
         )
         yield CounterMetricFamily(
-            "loraplex_host_evictions", "Adapters dropped from the host cache.", r.host_evictions
+            "loraplex_slot_hits", "Batch adapters already resident in a slot.", s["hits"]
+        )
+        yield CounterMetricFamily("loraplex_slot_misses", "Batch adapters written into a slot.", s["misses"])
+        yield CounterMetricFamily(
+            "loraplex_slot_evictions", "Slot writes that displaced an adapter.", s["evictions"]
+        )
+        yield CounterMetricFamily("loraplex_store_loads", "Adapters read from the store.", s["store_loads"])
+        yield CounterMetricFamily(
+            "loraplex_store_damaged", "Damaged or foreign store entries skipped or refused.", s["damaged"]
+        )
+        yield CounterMetricFamily(
+            "loraplex_host_evictions", "Adapters dropped from the host cache.", s["host_evictions"]
         )

@@ -42,13 +42,18 @@ class ServingMiddleware:
         started = time.perf_counter()
         status = 500  # what an exception that escapes every handler becomes
         replica = state.settings.replica_id.encode()
+        worker = state.worker_header
 
         async def send_status(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                # Which replica answered, for operators behind a load balancer.
-                message["headers"] = [*message.get("headers", ()), (b"x-loraplex-replica", replica)]
+                # Which replica and which of its HTTP workers answered, for operators behind a load balancer.
+                message["headers"] = [
+                    *message.get("headers", ()),
+                    (b"x-loraplex-replica", replica),
+                    (b"x-loraplex-worker", worker),
+                ]
             await send(message)
 
         path = scope["path"]
@@ -65,10 +70,12 @@ class ServingMiddleware:
                 await response_for(refusal)(scope, receive, send_status)
                 return
             state.inflight += 1
+            state.metrics.in_flight.inc()
             try:
                 await self.app(scope, _limited(receive, state.settings.body_limit(path)), send_status)
             finally:
                 state.inflight -= 1
+                state.metrics.in_flight.dec()
         finally:
             if label is None:
                 label = _route_label(scope)

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import math
 
-import torch
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 from loraplex.adapters.errors import InvalidInputError
 from loraplex.inputs import Tokens
@@ -122,9 +123,9 @@ def windows(
 
 
 def best_spans(
-    logits: torch.Tensor,  # [T, 2]: start, end
-    context: torch.Tensor,  # [T] bool: the context's tokens
-    scored: torch.Tensor,  # [T] bool: the tokens in the softmax (context and CLS)
+    logits: np.ndarray,  # [T, 2]: start, end
+    context: np.ndarray,  # [T] bool: the context's tokens
+    scored: np.ndarray,  # [T] bool: the tokens in the softmax (context and CLS)
     top_k: int,
     max_answer_len: int,
 ) -> tuple[list[tuple[int, int, float]], float]:
@@ -135,28 +136,28 @@ def best_spans(
         null = p_start[0] * p_end[0]
 
     Returns ([(s, e, score)], best first; null)."""
-    values = logits.double().masked_fill(~scored[:, None], -math.inf)
-    p_start, p_end = torch.softmax(values, dim=0).unbind(1)  # [T] each
-    null = (p_start[0] * p_end[0]).item()
+    values = np.where(scored[:, None], np.asarray(logits, dtype=np.float64), -math.inf)
+    values = np.exp(values - values.max(axis=0))
+    p_start, p_end = (values / values.sum(axis=0)).T  # [T] each
+    null = float(p_start[0] * p_end[0])
     tokens = len(context)
     span = min(max_answer_len, tokens)
-    pad = torch.zeros(span - 1, dtype=p_end.dtype)
-    ends = torch.cat([p_end, pad]).unfold(0, span, 1)  # [T, span]: p_end[s + j]
-    end_in_context = torch.cat([context, pad.bool()]).unfold(0, span, 1)  # [T, span]
+    ends = sliding_window_view(np.concatenate([p_end, np.zeros(span - 1)]), span)  # [T, span]: p_end[s + j]
+    end_in_context = sliding_window_view(np.concatenate([context, np.zeros(span - 1, bool)]), span)
     valid = context[:, None] & end_in_context  # [T, span]
-    scores = (p_start[:, None] * ends).masked_fill(~valid, -1.0).flatten()
+    scores = np.where(valid, p_start[:, None] * ends, -1.0).ravel()
     k = min(top_k, int(valid.sum()))
-    best = torch.topk(scores, k)
+    best = np.argsort(-scores, kind="stable")[:k]  # ties: the earlier span first, as torch.topk on CPU
     spans = []
-    for score, index in zip(best.values.tolist(), best.indices.tolist(), strict=True):
+    for index in best.tolist():
         start, length = divmod(index, span)
-        spans.append((start, start + length, score))
+        spans.append((start, start + length, float(scores[index])))
     return spans, null
 
 
 def answers(
     rows: list[Window],
-    logits: list[torch.Tensor],  # [tokens, 2] per row
+    logits: list[np.ndarray],  # [tokens, 2] per row
     contexts: list[str],
     *,
     top_k: int = 1,
@@ -168,8 +169,8 @@ def answers(
     found: list[dict[tuple[int, int], float]] = [{} for _ in contexts]  # (start, end) char -> best score
     null = [math.inf] * len(contexts)
     for row, output in zip(rows, logits, strict=True):
-        context = torch.tensor(row.context)
-        scored = torch.tensor(row.scored)
+        context = np.array(row.context, dtype=bool)
+        scored = np.array(row.scored, dtype=bool)
         spans, null_score = best_spans(output, context, scored, top_k, max_answer_len)
         i = row.example
         null[i] = min(null[i], null_score)

@@ -37,6 +37,13 @@ class Settings(BaseSettings):
     adapter_store: str = Field(
         "./adapter-store", description="shared adapter store: a directory or s3://bucket/prefix"
     )
+    workers: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="HTTP worker processes around the one engine process (default: 1 on cpu; on cuda half "
+        "the cores, at most 8)",
+    )
     max_resident: int = Field(16, ge=1, description="engine slots: adapters resident for one forward pass")
     max_host_cache: int = Field(256, ge=1, description="adapters kept parsed in host memory")
     max_rank: int = Field(64, ge=1, le=1024, description="largest LoRA rank an adapter may have")

@@ -1,7 +1,9 @@
 """What each task's rows become in an answer: label scores and embeddings, and which route serves a task.
 
-The engine returns per row what its adapter's task computes (`loraplex.engine.Engine.classify`); this
-module turns those tensors into response fields. Entity aggregation is in `loraplex.entities`.
+The engine process returns per row what its adapter's task computes (`loraplex.engine.Engine.classify`);
+the workers turn those float32 arrays into response fields with numpy. Entity aggregation is in
+`loraplex.entities`, answer spans in `loraplex.qa`. `check_route` runs in the engine process, where the
+adapter's current version is resolved, before its rows are queued.
 """
 
 from __future__ import annotations
@@ -9,13 +11,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+import numpy as np
 
 from loraplex.adapters.errors import InvalidAdapterError, InvalidInputError
 from loraplex.adapters.peft import FEATURE_EXTRACTION, QUESTION_ANS, SEQ_CLS, TOKEN_CLS
 
 ROUTES = {SEQ_CLS: "/classify", TOKEN_CLS: "/tokens", QUESTION_ANS: "/answer", FEATURE_EXTRACTION: "/embed"}
+# The task each inference route serves.
+ROUTE_TASKS = {
+    "/classify": SEQ_CLS,
+    "/rerank": SEQ_CLS,
+    "/tokens": TOKEN_CLS,
+    "/answer": QUESTION_ANS,
+    "/embed": FEATURE_EXTRACTION,
+    "/v1/embeddings": FEATURE_EXTRACTION,
+}
 _WHAT = {
     SEQ_CLS: "sequence classification",
     TOKEN_CLS: "token classification",
@@ -27,7 +37,7 @@ POOLINGS = ("mean", "cls", "max")
 
 def require_task(handle, task: str, route: str) -> None:
     """422 naming the adapter's task and the route that serves it, unless the adapter is of `task`."""
-    own = handle.weights.task
+    own = handle.task
     if own != task:
         raise InvalidInputError(
             f"Adapter {handle.adapter_id!r} is a {own} ({_WHAT[own]}) adapter, not {task}; send its "
@@ -35,8 +45,20 @@ def require_task(handle, task: str, route: str) -> None:
         )
 
 
-def check_finite(values: torch.Tensor, handle) -> None:
-    if not torch.isfinite(values).all():
+def check_route(handle, route: str, top_k: int | None = None) -> None:
+    """What `route` needs of the adapter before its rows are queued: its task, enough labels for
+    `top_k`, and for /rerank a cross-encoder's single output."""
+    require_task(handle, ROUTE_TASKS[route], route)
+    check_top_k(top_k, handle)
+    if route == "/rerank" and len(handle.labels) != 1:
+        raise InvalidInputError(
+            f"Adapter {handle.adapter_id!r} has {len(handle.labels)} labels; /rerank needs a "
+            "cross-encoder with one output (its relevance logit). Send its requests to POST /classify."
+        )
+
+
+def check_finite(values: np.ndarray, handle) -> None:
+    if not np.isfinite(values).all():
         # Finite weights can still overflow float32; the adapter, not the request, has to change.
         raise InvalidAdapterError(
             f"Adapter {handle.adapter_id!r} (version {handle.version}) gives non-finite scores for these "
@@ -44,18 +66,27 @@ def check_finite(values: torch.Tensor, handle) -> None:
         )
 
 
-def label_scores(logits: torch.Tensor, problem_type: str, raw: bool) -> torch.Tensor:
+def softmax(values: np.ndarray, axis: int = -1) -> np.ndarray:
+    shifted = np.exp(values - values.max(axis=axis, keepdims=True))
+    return shifted / shifted.sum(axis=axis, keepdims=True)
+
+
+def sigmoid(values: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-values))
+
+
+def label_scores(logits: np.ndarray, problem_type: str | None, raw: bool) -> np.ndarray:
     """`logits [..., labels]` as the adapter's problem type reads them: softmax over the labels
     (single-label), a sigmoid per label (multi-label), or the logits themselves (regression, or `raw`)."""
     if raw or problem_type == "regression":
         return logits
     if problem_type == "multi_label_classification":
-        return torch.sigmoid(logits)
-    return torch.softmax(logits, dim=-1)
+        return sigmoid(logits)
+    return softmax(logits)
 
 
 def classification(
-    logits: torch.Tensor,  # [inputs, labels]
+    logits: np.ndarray,  # [inputs, labels]
     handle,
     *,
     raw_scores: bool = False,
@@ -65,16 +96,17 @@ def classification(
     """One /classify result per row: arg-max `label`/`score`, every label's `scores`; multi-label rows
     also list the `labels` whose score is at least `threshold`; `top_k` adds the k best, best first."""
     check_finite(logits, handle)
-    problem = handle.weights.problem_type
+    problem = handle.problem_type
     values = label_scores(logits, problem, raw_scores)
+    probabilities = sigmoid(logits).tolist() if raw_scores else None
     labels = handle.labels
     results = []
-    for row in values.tolist():
+    for n, row in enumerate(values.tolist()):
         best = max(range(len(row)), key=row.__getitem__)
         result = {"label": labels[best], "score": row[best], "scores": dict(zip(labels, row, strict=True))}
         if problem == "multi_label_classification":
-            probabilities = torch.sigmoid(torch.tensor(row)).tolist() if raw_scores else row
-            result["labels"] = [name for name, p in zip(labels, probabilities, strict=True) if p >= threshold]
+            chances = probabilities[n] if raw_scores else row
+            result["labels"] = [name for name, p in zip(labels, chances, strict=True) if p >= threshold]
         if top_k is not None:
             ranked = sorted(range(len(row)), key=lambda j: -row[j])[:top_k]
             result["top"] = [{"label": labels[j], "score": row[j]} for j in ranked]
@@ -90,16 +122,18 @@ def check_top_k(top_k: int | None, handle) -> None:
         )
 
 
-def pool(hidden: torch.Tensor, pooling: str, normalize: bool) -> torch.Tensor:
+def pool(hidden: np.ndarray, pooling: str, normalize: bool) -> np.ndarray:
     """`hidden [tokens, H]` of one row's real tokens -> `[H]`: their mean, the first token's, or the
     maximum per feature (sentence-transformers' pooling modes); `normalize`: to unit length."""
     if pooling == "cls":
         vector = hidden[0]
     elif pooling == "max":
-        vector = hidden.max(dim=0).values
+        vector = hidden.max(axis=0)
     else:
-        vector = hidden.mean(dim=0)
-    return F.normalize(vector, dim=-1) if normalize else vector
+        vector = hidden.mean(axis=0, dtype=np.float32)
+    if normalize:
+        vector = vector / max(float(np.linalg.norm(vector)), 1e-12)  # as torch's F.normalize
+    return vector
 
 
 def sentence_pooling(model_dir: str) -> tuple[str, bool]:

@@ -23,6 +23,7 @@ VALUES = {
     "device": ("cuda:1", "cuda:1"),
     "dtype": ("bfloat16", "bfloat16"),
     "adapter_store": ("/data/adapters", "/data/adapters"),
+    "workers": ("2", 2),
     "max_resident": ("3", 3),
     "max_host_cache": ("20", 20),
     "max_rank": ("16", 16),

@@ -15,8 +15,7 @@ from loraplex.adapters.errors import (
     PayloadTooLargeError,
     UnsupportedMediaError,
 )
-from loraplex.adapters.registry import Registry
-from loraplex.adapters.store import AdapterRecord, check_adapter_id
+from loraplex.adapters.store import check_adapter_id
 from loraplex.adapters.validate import (
     MAX_CONFIG_BYTES,
     MAX_LABEL_CHARS,
@@ -111,12 +110,8 @@ class AdapterList(BaseModel):
     adapters: list[AdapterInfo]
 
 
-def _info(record: AdapterRecord, registry: Registry) -> AdapterInfo:
-    return AdapterInfo(**record.to_json(), resident=registry.is_resident(record.adapter_id, record.version))
-
-
-def _registry(request: Request) -> Registry:
-    return request.app.state.registry
+def _client(request: Request):
+    return request.app.state.client
 
 
 @router.put(
@@ -177,15 +172,14 @@ async def put_adapter(
     finally:
         await form.close()
     labels = parse_labels(labels_raw)
-    record, created = await _registry(request).put(adapter_id, config, model, labels, model_filename=filename)
-    response.status_code = 201 if created else 200
-    return _info(record, _registry(request))
+    answer = await _client(request).call("put", adapter_id, config, model, labels, filename)
+    response.status_code = 201 if answer["created"] else 200
+    return AdapterInfo(**answer["record"])
 
 
 @router.get("/adapters", response_model=AdapterList, responses=ERROR_RESPONSES, summary="List adapters")
 async def list_adapters(request: Request, _: ApiKeyAuth) -> AdapterList:
-    registry = _registry(request)
-    return AdapterList(adapters=[_info(record, registry) for record in await registry.list()])
+    return AdapterList(adapters=[AdapterInfo(**record) for record in await _client(request).call("list")])
 
 
 @router.get(
@@ -195,8 +189,7 @@ async def list_adapters(request: Request, _: ApiKeyAuth) -> AdapterList:
     summary="Show one adapter",
 )
 async def get_adapter(adapter_id: AdapterId, request: Request, _: ApiKeyAuth) -> AdapterInfo:
-    registry = _registry(request)
-    return _info(await registry.info(adapter_id), registry)
+    return AdapterInfo(**await _client(request).call("info", adapter_id))
 
 
 @router.delete(
@@ -204,7 +197,7 @@ async def get_adapter(adapter_id: AdapterId, request: Request, _: ApiKeyAuth) ->
 )
 async def delete_adapter(adapter_id: AdapterId, request: Request, _: AdminAuth) -> Response:
     """In-flight requests finish on the version they resolved; later requests get 404."""
-    await _registry(request).delete(adapter_id)
+    await _client(request).call("delete", adapter_id)
     return Response(status_code=204)
 
 

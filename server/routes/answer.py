@@ -9,12 +9,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 
 from loraplex.adapters.errors import InvalidInputError
-from loraplex.adapters.peft import QUESTION_ANS
 from loraplex.auth import ApiKeyAuth
 from loraplex.qa import answers, windows
 from loraplex.routes.inference import body_schema, check_batch, infer, parse_body, read_body, respond
 from loraplex.schemas import ERROR_RESPONSES, AnswerRequest, AnswerResponse
-from loraplex.tasks import check_finite, require_task
+from loraplex.tasks import check_finite
 
 router = APIRouter(tags=["inference"])
 
@@ -30,18 +29,17 @@ async def answer(request: Request, _auth: ApiKeyAuth) -> Response:
     body = parse_body(await read_body(request), request.headers.get("content-type"), AnswerRequest)
     pairs = body.pairs()
     check_batch(request, len(pairs), body.adapter_id, "questions")
-    engine = request.app.state.engine
-    limit = engine.base.max_length
+    base = request.app.state.base
+    limit = base.max_length
 
-    def tokenize(handle):
-        require_task(handle, QUESTION_ANS, "/answer")
+    def tokenize():
         if body.max_seq_len is not None and body.max_seq_len > limit:
             raise InvalidInputError(
                 f"max_seq_len is {body.max_seq_len}, more than the model's maximum of {limit}; send at "
                 f"most {limit}, or leave it out for {limit}."
             )
         return windows(
-            engine.tokenizer,
+            base.tokenizer,
             pairs,
             max_seq_len=body.max_seq_len or limit,
             doc_stride=body.doc_stride,
@@ -49,14 +47,14 @@ async def answer(request: Request, _auth: ApiKeyAuth) -> Response:
             max_rows=request.app.state.settings.max_queued,
         )
 
-    run = await infer(request, body.adapter_id, tokenize)
+    run = await infer(request, body.adapter_id, "/answer", tokenize)
     if run.early is not None:
         return run.early
-    for logits in run.job.logits:
+    for logits in run.outputs:
         check_finite(logits, run.handle)
     results = answers(
         run.rows,
-        run.job.logits,
+        run.outputs,
         [context for _, context in pairs],
         top_k=body.top_k,
         max_answer_len=body.max_answer_len,

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 from fastapi import APIRouter, Request, Response
 
-from loraplex.adapters.peft import SEQ_CLS
 from loraplex.auth import ApiKeyAuth
 from loraplex.inputs import encode
 from loraplex.routes.inference import body_schema, check_batch, infer, parse_body, read_body, respond
 from loraplex.schemas import ERROR_RESPONSES, ClassifyRequest, ClassifyResponse
-from loraplex.tasks import check_top_k, classification, require_task
+from loraplex.tasks import classification
 
 router = APIRouter(tags=["inference"])
 
@@ -26,24 +25,22 @@ async def classify(request: Request, _auth: ApiKeyAuth) -> Response:
     body = parse_body(await read_body(request), request.headers.get("content-type"), ClassifyRequest)
     texts = body.texts()
     check_batch(request, len(texts), body.adapter_id)
-    engine = request.app.state.engine
+    base = request.app.state.base
 
-    def tokenize(handle):
-        require_task(handle, SEQ_CLS, "/classify")
-        check_top_k(body.top_k, handle)
+    def tokenize():
         return encode(
-            engine.tokenizer,
-            engine.base.max_length,
+            base.tokenizer,
+            base.max_length,
             texts,
             truncate=body.truncate,
             direction=body.truncation_direction,
         )
 
-    run = await infer(request, body.adapter_id, tokenize)
+    run = await infer(request, body.adapter_id, "/classify", tokenize, top_k=body.top_k)
     if run.early is not None:
         return run.early
     results = classification(
-        torch.stack(run.job.logits),
+        np.stack(run.outputs),
         run.handle,
         raw_scores=body.raw_scores,
         top_k=body.top_k,

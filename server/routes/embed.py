@@ -7,13 +7,11 @@ from functools import lru_cache
 
 from fastapi import APIRouter, Request, Response
 
-from loraplex.adapters.peft import FEATURE_EXTRACTION
 from loraplex.auth import ApiKeyAuth
-from loraplex.engine import default_model_dir
 from loraplex.inputs import encode
 from loraplex.routes.inference import body_schema, check_batch, infer, parse_body, read_body, respond
 from loraplex.schemas import ERROR_RESPONSES, EmbedRequest, OpenAIEmbeddingsRequest
-from loraplex.tasks import check_finite, pool, require_task, sentence_pooling
+from loraplex.tasks import check_finite, pool, sentence_pooling
 
 router = APIRouter(tags=["inference"])
 
@@ -24,7 +22,7 @@ async def embed(request: Request, _auth: ApiKeyAuth) -> Response:
     body = parse_body(await read_body(request), request.headers.get("content-type"), EmbedRequest)
     texts = body.texts()
     check_batch(request, len(texts), body.adapter_id)
-    run = await infer(request, body.adapter_id, _tokenizer(request, "/embed", texts, body))
+    run = await infer(request, body.adapter_id, "/embed", _tokenizer(request, texts, body))
     if run.early is not None:
         return run.early
     pooling, normalize = _pooling(request, body.pooling, body.normalize)
@@ -38,10 +36,10 @@ async def openai_embeddings(request: Request, _auth: ApiKeyAuth) -> Response:
     """OpenAI's embeddings shape; `model` is an adapter id, or the served base model's name for no adapter."""
     body = parse_body(await read_body(request), request.headers.get("content-type"), OpenAIEmbeddingsRequest)
     texts = [body.input] if isinstance(body.input, str) else body.input
-    base = request.app.state.engine.base.model_name
+    base = request.app.state.base.model_name
     adapter_id = None if body.model in (base, base.rsplit("/", 1)[-1]) else body.model
     check_batch(request, len(texts), adapter_id)
-    run = await infer(request, adapter_id, _tokenizer(request, "/v1/embeddings", texts, None))
+    run = await infer(request, adapter_id, "/v1/embeddings", _tokenizer(request, texts, None))
     if run.early is not None:
         return run.early
     vectors = _vectors(run, *_pooling(request, None, None))
@@ -52,14 +50,13 @@ async def openai_embeddings(request: Request, _auth: ApiKeyAuth) -> Response:
     return respond(request, run, fields, len(texts))
 
 
-def _tokenizer(request: Request, route: str, texts: list[str], body: EmbedRequest | None):
-    engine = request.app.state.engine
+def _tokenizer(request: Request, texts: list[str], body: EmbedRequest | None):
+    base = request.app.state.base
 
-    def tokenize(handle):
-        require_task(handle, FEATURE_EXTRACTION, route)
+    def tokenize():
         return encode(
-            engine.tokenizer,
-            engine.base.max_length,
+            base.tokenizer,
+            base.max_length,
             texts,
             truncate=body.truncate if body else True,
             direction=body.truncation_direction if body else "right",
@@ -69,7 +66,7 @@ def _tokenizer(request: Request, route: str, texts: list[str], body: EmbedReques
 
 
 def _pooling(request: Request, pooling: str | None, normalize: bool | None) -> tuple[str, bool]:
-    default_pooling, default_normalize = _declared(request.app.state.settings.model or default_model_dir())
+    default_pooling, default_normalize = _declared(request.app.state.base.model_dir)
     return pooling or default_pooling, default_normalize if normalize is None else normalize
 
 
@@ -79,7 +76,7 @@ def _declared(model_dir: str) -> tuple[str, bool]:
 
 
 def _vectors(run, pooling: str, normalize: bool) -> list[list[float]]:
-    vectors = [pool(hidden, pooling, normalize) for hidden in run.job.logits]
+    vectors = [pool(hidden, pooling, normalize) for hidden in run.outputs]
     for vector in vectors:
         check_finite(vector, run.handle)
     return [vector.tolist() for vector in vectors]

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from loraplex.adapters.errors import LoraplexError
 from loraplex.errors import error_response
 from loraplex.schemas import ErrorBody, Status
 
 router = APIRouter(tags=["operations"])
+STATS_TIMEOUT_S = 2.0  # a scrape does not wait longer than this for the engine process's gauges
 
 _NOT_READY = {
     "loading": "The model is loading and warming up.",
@@ -59,5 +64,11 @@ _METRICS_EXAMPLE = (
     },
 )
 async def metrics(request: Request) -> Response:
-    """Prometheus text format; every metric starts with `loraplex_`."""
-    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    """Prometheus text format; every metric starts with `loraplex_`: every process of the server."""
+    state = request.app.state
+    stats = None
+    if state.phase in ("ready", "draining"):
+        with contextlib.suppress(LoraplexError, TimeoutError):
+            async with asyncio.timeout(STATS_TIMEOUT_S):
+                stats = await state.client.call("stats")
+    return Response(state.metrics.render(stats), media_type=CONTENT_TYPE_LATEST)

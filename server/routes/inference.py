@@ -1,10 +1,13 @@
-"""What every inference route does around its own fields: parse the body, resolve the adapter, tokenize
-off the event loop, queue the rows, wait (bounded by request_timeout_s, dropped when the client leaves),
-and answer with the timing headers.
+"""What every inference route does around its own fields: parse the body, tokenize, send the rows to the
+engine process, wait (bounded by request_timeout_s, dropped when the client leaves), and answer with the
+timing headers.
 
     body = parse_body(await read_body(request), request.headers.get("content-type"), EmbedRequest)
-    run = await infer(request, body.adapter_id, lambda handle: rows)
-    return respond(request, run, {"results": ...})
+    run = await infer(request, body.adapter_id, "/embed", lambda: encode(...))
+    return respond(request, run, {"results": ...}, len(texts))
+
+Tokenizing runs on the worker's event loop: with one request's few texts it costs less than a hop to a
+thread, and other workers' processes take the load in parallel.
 """
 
 from __future__ import annotations
@@ -15,53 +18,42 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+import orjson
 from fastapi import Request, Response
 from pydantic import BaseModel, ValidationError
 
+from loraplex import ipc
 from loraplex.adapters.errors import (
     BadRequestError,
     InvalidInputError,
     UnavailableError,
     UnsupportedMediaError,
 )
-from loraplex.adapters.peft import FEATURE_EXTRACTION, AdapterWeights
-from loraplex.batcher import Batcher, Job
 from loraplex.errors import describe_validation, error_response
-
-# The base model itself, for /embed without an adapter: an adapter without LoRA or head in a slot of its own.
-BASE_WEIGHTS = AdapterWeights(
-    modules={},
-    head={},
-    num_labels=0,
-    labels=(),
-    rank=0,
-    lora_alpha=0.0,
-    target_modules=(),
-    task=FEATURE_EXTRACTION,
-)
 
 
 @dataclass(frozen=True)
-class BaseHandle:
-    """The served base model as a handle; its key is no adapter's (adapter ids are never empty)."""
+class AdapterView:
+    """The adapter version that the engine process resolved and ran for one request."""
 
-    adapter_id: None = None
-    version: str = "base"
-    labels: tuple[str, ...] = ()
-    weights: AdapterWeights = BASE_WEIGHTS
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return ("", self.version)
+    adapter_id: str | None  # None: the base model itself
+    version: str
+    labels: tuple[str, ...]
+    task: str
+    problem_type: str | None
+    metric_label: str  # the adapter's label in the metrics (bounded: past the limit, "other")
 
 
 @dataclass
 class Run:
-    handle: object  # AdapterHandle, or BaseHandle
+    handle: AdapterView | None  # None when `early` answers instead
     rows: list  # what was queued, one per engine row
-    job: Job | None  # None: the client left or time ran out (`early` is the answer)
+    outputs: list[np.ndarray]  # per row, what its adapter's task computes (float32)
     started: float
     tokenize_seconds: float
+    queue_seconds: float = 0.0
+    inference_seconds: float = 0.0
     early: Response | None = None
 
 
@@ -122,48 +114,61 @@ async def read_body(request: Request) -> bytes:
         ) from None
 
 
-async def infer(request: Request, adapter_id: str | None, tokenize: Callable[[object], list]) -> Run:
-    """Resolve the adapter (None: the base model), run `tokenize(handle)` on the tokenizer thread, queue
-    its rows and wait for them. `tokenize` may raise a LoraplexError (checks that need the adapter)."""
+async def infer(
+    request: Request,
+    adapter_id: str | None,
+    route: str,
+    tokenize: Callable[[], list],
+    *,
+    top_k: int | None = None,
+) -> Run:
+    """Tokenize, queue the rows in the engine process for `adapter_id` (None: the base model) and wait
+    for them. The engine checks that the adapter serves `route` (and has `top_k` labels) before queueing."""
     started = time.perf_counter()
     state = request.app.state
     settings = state.settings
     loop = asyncio.get_running_loop()
     deadline = getattr(request.state, "deadline", None) or loop.time() + settings.request_timeout_s
     try:
-        async with asyncio.timeout_at(deadline):
-            handle = BaseHandle() if adapter_id is None else await state.registry.get(adapter_id)
-            tokenize_started = time.perf_counter()
-            rows = await loop.run_in_executor(state.tokenizer, tokenize, handle)
-    except TimeoutError:
-        raise _timed_out(settings.request_timeout_s) from None
-    tokenize_seconds = time.perf_counter() - tokenize_started
+        if top_k is not None and top_k > settings.max_labels:
+            raise InvalidInputError(
+                f"top_k is {top_k}, but adapters here have at most {settings.max_labels} labels; send 1..the "
+                "adapter's label count."
+            )
+        rows = tokenize()
+    except InvalidInputError:
+        # What is wrong with the adapter (missing, of another task) is said first, as if it had been
+        # looked up before the inputs: only this error path asks the engine process for it.
+        await state.client.call("check", adapter_id, route)
+        raise
+    tokenize_seconds = time.perf_counter() - started
     state.metrics.tokenize_seconds.observe(tokenize_seconds)
-
-    job = state.batcher.submit(rows, handle)
-    outcome = await _wait(state.batcher, job, request, deadline - loop.time())
-    run = Run(handle, rows, job, started, tokenize_seconds)
+    packed = [[list(row), row.type_start] for row in rows]
+    request_id, answer = state.client.send("infer", adapter_id, route, top_k, packed)
+    outcome = await _wait(state.client, request_id, answer, request, deadline - loop.time())
     if outcome == "disconnect":
         # Nobody reads this; the status shows up in the request metrics as the client's doing.
-        run.early = error_response(
-            499, "bad_request", "The client disconnected before the results were ready."
-        )
-    elif outcome == "timeout":
+        early = error_response(499, "bad_request", "The client disconnected before the results were ready.")
+        return Run(None, rows, [], started, tokenize_seconds, early=early)
+    if outcome == "timeout":
         raise _timed_out(settings.request_timeout_s)
-    return run
+    result = answer.result()
+    adapter = result["adapter"]
+    handle = AdapterView(**{**adapter, "labels": tuple(adapter["labels"])})
+    outputs = [ipc.unpack_array(packed) for packed in result["outputs"]]
+    return Run(handle, rows, outputs, started, tokenize_seconds, result["queue_s"], result["inference_s"])
 
 
 def respond(request: Request, run: Run, fields: dict, inputs: int) -> Response:
     """200 with `adapter_id`, `adapter_version` and `fields`, the timing headers, the input count metric."""
-    metrics = request.app.state.metrics
     handle = run.handle
     body = {"adapter_id": handle.adapter_id, "adapter_version": handle.version, **fields}
-    content = json.dumps(body, allow_nan=False)
-    metrics.inputs.labels(metrics.adapter_label(handle.adapter_id or "(base model)")).inc(inputs)
+    content = orjson.dumps(body)
+    request.app.state.metrics.inputs.labels(handle.metric_label).inc(inputs)
     headers = {
         "x-tokenization-time": _ms(run.tokenize_seconds),
-        "x-queue-time": _ms(run.job.queue_seconds),
-        "x-inference-time": _ms(run.job.inference_seconds),
+        "x-queue-time": _ms(run.queue_seconds),
+        "x-inference-time": _ms(run.inference_seconds),
         "x-total-time": _ms(time.perf_counter() - run.started),
     }
     return Response(content, media_type="application/json", headers=headers)
@@ -179,23 +184,23 @@ def body_schema(model: type[BaseModel]) -> dict:
     }
 
 
-async def _wait(batcher: Batcher, job: Job, request: Request, timeout: float) -> str:
-    """Wait for the job unless the client leaves or time runs out: "done", "disconnect" or "timeout"."""
+async def _wait(client, request_id: int, answer: asyncio.Future, request: Request, timeout: float) -> str:
+    """Wait for the answer unless the client leaves or time runs out: "done", "disconnect" or "timeout"."""
     watcher = asyncio.ensure_future(_disconnected(request))
     outcome = "cancelled"
     try:
         done, _ = await asyncio.wait(
-            (job.future, watcher), timeout=max(timeout, 0), return_when="FIRST_COMPLETED"
+            (answer, watcher), timeout=max(timeout, 0), return_when="FIRST_COMPLETED"
         )
-        if job.future in done:
-            job.future.result()  # a failed batch raises its error here
+        if answer in done:
+            answer.result()  # a failed request raises its error here
             outcome = "done"
         else:
             outcome = "disconnect" if watcher in done else "timeout"
     finally:
         watcher.cancel()
-        if not job.future.done():
-            batcher.cancel(job, outcome)
+        if not answer.done():
+            client.cancel(request_id, outcome)
     return outcome
 
 
@@ -213,9 +218,9 @@ def _timed_out(seconds: float) -> UnavailableError:
     )
 
 
-def _reject_constant(name: str) -> float:
-    raise ValueError(f"{name} is not a JSON value")
-
-
 def _ms(seconds: float) -> str:
     return str(round(seconds * 1000))
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON value")

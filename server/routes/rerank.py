@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 from fastapi import APIRouter, Request, Response
 
-from loraplex.adapters.errors import InvalidInputError
-from loraplex.adapters.peft import SEQ_CLS
 from loraplex.auth import ApiKeyAuth
 from loraplex.inputs import encode
 from loraplex.routes.inference import body_schema, check_batch, infer, parse_body, read_body, respond
 from loraplex.schemas import ERROR_RESPONSES, RerankRequest
-from loraplex.tasks import check_finite, require_task
+from loraplex.tasks import check_finite, sigmoid
 
 router = APIRouter(tags=["inference"])
 
@@ -21,30 +19,24 @@ async def rerank(request: Request, _auth: ApiKeyAuth) -> Response:
     """The texts by relevance to the query, best first: sigmoid of the cross-encoder's logit."""
     body = parse_body(await read_body(request), request.headers.get("content-type"), RerankRequest)
     check_batch(request, len(body.texts), body.adapter_id)
-    engine = request.app.state.engine
+    base = request.app.state.base
+    pairs = [(body.query, text) for text in body.texts]
 
-    def tokenize(handle):
-        require_task(handle, SEQ_CLS, "/rerank")
-        if len(handle.labels) != 1:
-            raise InvalidInputError(
-                f"Adapter {handle.adapter_id!r} has {len(handle.labels)} labels; /rerank needs a "
-                "cross-encoder with one output (its relevance logit). Send its requests to POST /classify."
-            )
-        pairs = [(body.query, text) for text in body.texts]
+    def tokenize():
         return encode(
-            engine.tokenizer,
-            engine.base.max_length,
+            base.tokenizer,
+            base.max_length,
             pairs,
             truncate=body.truncate,
             direction=body.truncation_direction,
         )
 
-    run = await infer(request, body.adapter_id, tokenize)
+    run = await infer(request, body.adapter_id, "/rerank", tokenize)
     if run.early is not None:
         return run.early
-    logits = torch.stack(run.job.logits)[:, 0]  # [texts]
+    logits = np.stack(run.outputs)[:, 0]  # [texts]
     check_finite(logits, run.handle)
-    values = (logits if body.raw_scores else torch.sigmoid(logits)).tolist()
+    values = (logits if body.raw_scores else sigmoid(logits)).tolist()
     order = sorted(range(len(values)), key=lambda i: -values[i])[: body.top_n]
     results = []
     for i in order:
