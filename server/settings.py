@@ -44,6 +44,13 @@ class Settings(BaseSettings):
         description="HTTP worker processes around the one engine process (default: 1 on cpu; on cuda half "
         "the cores, at most 8)",
     )
+    engine_threads: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="CPU threads of the engine process's matmuls (default: on cpu, the cores that the "
+        "workers leave, at least 1; on cuda, torch's own)",
+    )
     max_resident: int = Field(16, ge=1, description="engine slots: adapters resident for one forward pass")
     max_host_cache: int = Field(256, ge=1, description="adapters kept parsed in host memory")
     max_rank: int = Field(64, ge=1, le=1024, description="largest LoRA rank an adapter may have")

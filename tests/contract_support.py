@@ -14,10 +14,12 @@ DEMO = REPO / "adapters" / "demo" / "tweet-sentiment"
 MAX_CLIENT_BATCH = 9  # not the default, so a document that ignores the setting shows
 
 
-@lru_cache(maxsize=1)
-def contract_server() -> LiveServer:
+@lru_cache(maxsize=2)
+def contract_server(workers: int = 1) -> LiveServer:
+    """The shared contract server; `workers`: its HTTP worker processes."""
     store = tempfile.mkdtemp(prefix="loraplex-contract-store-")
     server = LiveServer(
+        "--workers", str(workers),
         "--adapter-store", store, "--max-client-batch", str(MAX_CLIENT_BATCH),
         "--preload", f"tweet-sentiment={DEMO}",
     )  # fmt: skip

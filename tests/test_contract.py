@@ -15,8 +15,8 @@ METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
 @pytest.fixture(scope="module")
-def srv():
-    return contract_server()
+def srv(workers):
+    return contract_server(int(workers[1]))
 
 
 @pytest.fixture(scope="module")

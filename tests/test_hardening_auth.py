@@ -23,14 +23,15 @@ def adapter() -> Path:
     return save_peft_adapter(Path(tempfile.mkdtemp(prefix="loraplex-auth-")) / "a", seed=31)
 
 
-def server(*args: str, env: dict[str, str] | None = None) -> LiveServer:
+def server(workers: list[str], *args: str, env: dict[str, str] | None = None) -> LiveServer:
     store = tempfile.mkdtemp(prefix="loraplex-auth-store-")
-    return LiveServer("--host", "0.0.0.0", "--adapter-store", store, *args, env=env)
+    return LiveServer(*workers, "--host", "0.0.0.0", "--adapter-store", store, *args, env=env)
 
 
-def test_without_an_admin_token_a_public_server_refuses_writes_and_says_how_to_allow_them():
+def test_without_an_admin_token_a_public_server_refuses_writes_and_says_how_to_allow_them(workers):
     folder = adapter()
-    with server("--preload", f"kept={folder}") as srv, httpx.Client(base_url=srv.url, timeout=60) as client:
+    srv = server(workers, "--preload", f"kept={folder}")
+    with srv, httpx.Client(base_url=srv.url, timeout=60) as client:
         for response in (upload(client, "new", folder), client.delete("/adapters/kept")):
             assert response.status_code == 401, response.text
             body = response.json()
@@ -44,10 +45,10 @@ def test_without_an_admin_token_a_public_server_refuses_writes_and_says_how_to_a
         assert client.get("/adapters/new").status_code == 404  # nothing was stored
 
 
-def test_allow_unauthenticated_writes_opens_them_and_a_token_file_guards_them():
+def test_allow_unauthenticated_writes_opens_them_and_a_token_file_guards_them(workers):
     folder = adapter()
     with (
-        server("--allow-unauthenticated-writes") as srv,
+        server(workers, "--allow-unauthenticated-writes") as srv,
         httpx.Client(base_url=srv.url, timeout=60) as client,
     ):
         assert upload(client, "open", folder).status_code == 201
@@ -55,7 +56,7 @@ def test_allow_unauthenticated_writes_opens_them_and_a_token_file_guards_them():
     token_file = Path(tempfile.mkdtemp(prefix="loraplex-secrets-")) / "admin-token"
     token_file.write_text(TOKEN + "\n")
     with (
-        server(env={"LORAPLEX_ADMIN_TOKEN_FILE": str(token_file)}) as srv,
+        server(workers, env={"LORAPLEX_ADMIN_TOKEN_FILE": str(token_file)}) as srv,
         httpx.Client(base_url=srv.url, timeout=60) as client,
     ):
         refused = upload(client, "guarded", folder)

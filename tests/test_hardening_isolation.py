@@ -57,11 +57,12 @@ def check_failure(response: httpx.Response, kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", sorted(EXPECTED))
-def test_a_failing_adapter_fails_only_its_own_requests_in_a_mixed_batch(kind):
+def test_a_failing_adapter_fails_only_its_own_requests_in_a_mixed_batch(kind, workers):
     control = EngineControl()
     store = tempfile.mkdtemp(prefix="loraplex-isolation-store-")
     server = LiveServer(
-        "--adapter-store", store, "--max-batch-size", "64", "--max-wait-ms", "0", *preload_args(ADAPTERS),
+        *workers, "--adapter-store", store, "--max-batch-size", "64", "--max-wait-ms", "0",
+        *preload_args(ADAPTERS),
         env={FAULT_ENV: f"{kind}:16"}, control=control, module="tests.faulty_engine",
     )  # fmt: skip
     with server as srv, ThreadPoolExecutor(32) as pool:

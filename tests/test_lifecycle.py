@@ -33,18 +33,19 @@ ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def store_dir(tmp_path_factory) -> Path:
+def store_dir(tmp_path_factory, workers) -> Path:  # a store of its own per server
     return tmp_path_factory.mktemp("store")
 
 
 @pytest.fixture(scope="module")
-def control() -> EngineControl:
+def control(workers) -> EngineControl:  # one per server: its counts are that engine's
     return EngineControl()
 
 
 @pytest.fixture(scope="module")
-def server(store_dir, control):
+def server(store_dir, control, workers):
     args = [
+        *workers,
         "--adapter-store", str(store_dir), "--max-resident", str(SLOTS), "--max-host-cache", str(HOST_CACHE),
         "--max-rank", str(MAX_RANK), "--max-labels", str(MAX_LABELS), "--max-upload-bytes", str(MAX_UPLOAD),
     ]  # fmt: skip

@@ -29,14 +29,15 @@ MEDIUM_TEXT = " ".join(TEXTS * 3)  # a couple of hundred tokens
 
 
 @pytest.fixture(scope="module")
-def control():
+def control(workers):  # one per server: its counts are that engine's
     return EngineControl()
 
 
 @pytest.fixture(scope="module")
-def srv(control):
+def srv(control, workers):
     store = tempfile.mkdtemp(prefix="loraplex-limits-store-")
     server = LiveServer(
+        *workers,
         "--adapter-store", store, "--max-batch-size", "2", "--max-queued", "16", "--max-client-batch", "16",
         "--max-wait-ms", "400", "--drain-grace-s", "60", *preload_args(["sent", "topic"]),
         env={"LORAPLEX_API_KEY": API_KEY, "LORAPLEX_ADMIN_TOKEN": ADMIN_TOKEN}, control=control,

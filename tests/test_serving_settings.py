@@ -24,6 +24,7 @@ VALUES = {
     "dtype": ("bfloat16", "bfloat16"),
     "adapter_store": ("/data/adapters", "/data/adapters"),
     "workers": ("2", 2),
+    "engine_threads": ("1", 1),
     "max_resident": ("3", 3),
     "max_host_cache": ("20", 20),
     "max_rank": ("16", 16),

@@ -24,14 +24,15 @@ GRACE_S = 0.5  # well inside TIMEOUT_S, so that the drain, not the timeout, answ
 
 
 @pytest.fixture(scope="module")
-def control():
+def control(workers):  # one per server: its counts are that engine's
     return EngineControl()
 
 
 @pytest.fixture(scope="module")
-def srv(control):
+def srv(control, workers):
     store = tempfile.mkdtemp(prefix="loraplex-timeout-store-")
     server = LiveServer(
+        *workers,
         "--adapter-store", store, "--request-timeout-s", str(TIMEOUT_S), "--drain-grace-s", str(GRACE_S),
         "--max-batch-size", "1", "--max-wait-ms", "0", *preload_args(["sent"]), control=control,
     )  # fmt: skip
