@@ -18,10 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import torch
 
 from tests.live_server import LiveServer
 from tests.paced_engine import EngineControl
-from tests.serving_support import TEXTS, adapter_dirs, metrics, preload_args, sample
+from tests.serving_support import TEXTS, adapter_dirs, metrics, preload_args, reference, sample, scores_of
 
 BOUND_S = 60.0  # a bound for a slow machine, never an expected time
 
@@ -236,3 +237,20 @@ def _accepts(pid: int, connection: Connection) -> bool:
         if target.startswith("socket:[") and target[8:-1] in inodes:
             return True
     return False
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("bfloat16", 5e-2)])
+def test_the_server_on_cuda_answers_as_the_engine_on_the_cpu(dtype, tol):
+    """Workers around an engine process on the GPU: every adapter's probabilities as the CPU engine's."""
+    ref = reference()
+    store = tempfile.mkdtemp(prefix="loraplex-procs-store-")
+    args = ["--device", "cuda", "--dtype", dtype, "--workers", "2", "--adapter-store", store, *preload_args()]
+    with LiveServer(*args) as srv, httpx.Client(base_url=srv.url, timeout=BOUND_S) as client:
+        for name in ref.labels:
+            response = client.post("/classify", json={"adapter_id": name, "inputs": TEXTS})
+            assert response.status_code == 200, response.text
+            got = scores_of(response.json(), ref.labels[name])
+            want = torch.softmax(ref.logits(name, TEXTS).double(), dim=-1)
+            assert (got - want).abs().max().item() <= tol, name
