@@ -8,7 +8,8 @@ the PUT to the classify response. (2) cold-load added latency: a request for an 
 but neither in a device slot nor in the host cache, minus the same request once it is resident.
 (3) throughput with `--adapters` hot adapters under Zipf and uniform popularity on 8 slots vs as many slots as
 adapters. Each scenario runs its own `loraplex serve` on loopback; clients run in this process, so absolute
-numbers include their cost; the ratios compare runs made the same way.
+numbers include their cost; the ratios compare runs made the same way. `--workers N` is passed to every
+`loraplex serve` only when given.
 """
 
 from __future__ import annotations
@@ -131,8 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--serve-arg", action="append", default=[], help="extra `loraplex serve` flag")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="the servers' --workers (default: not passed)"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    if args.workers is not None:
+        args.serve_arg += ["--workers", str(args.workers)]
 
     work = Path(tempfile.mkdtemp(prefix="loraplex-bench-lifecycle-"))
     factory = AdapterFactory(r=args.rank, lora_alpha=2 * args.rank)

@@ -6,10 +6,14 @@
 "scores"}]}` as loraplex does; `/ready` is 200 once every adapter is loaded. One PeftModel holds all the
 adapters (each with its own head, PEFT's modules_to_save).
 
-- `serial`: each request runs alone (set_adapter, forward), one at a time, on a worker thread.
+- `serial`: each request runs alone (set_adapter, forward), one at a time, on the model's thread.
 - `microbatch`: requests queue; a worker takes the first and whatever arrives within `--window-ms` (5),
   up to `--max-rows` (64) inputs, and runs them as one padded pass in PEFT's mixed-adapter mode
-  (`adapter_names=`).
+  (`adapter_names=`) on the model's thread.
+
+The model is loaded, warmed up and run on one thread of its own (a one-thread executor), never on the
+event loop's: a second thread that has run torch's parallel work slows every later forward pass
+(bench/engine_thread.py measures that), and loraplex too builds and runs its engine on one thread.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import asyncio
 import contextlib
 import json
 import sys
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -58,18 +62,26 @@ def answers(probs: torch.Tensor, names: list[str], labels: dict[str, list[str]])
 
 
 def create_app(mode: str, preload: list[str], window_ms: float, max_rows: int, dtype: torch.dtype) -> FastAPI:
-    tokenizer, model, labels = load_model(preload, dtype)
-    lock = threading.Lock()
+    # Every torch call runs on this one thread: loading, the warm-up and every forward pass, one at a time.
+    model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="peft-model")
+    tokenizer = model = labels = None  # loaded by the lifespan, on the model thread
+
+    def load() -> None:
+        nonlocal tokenizer, model, labels
+        tokenizer, model, labels = load_model(preload, dtype)
 
     def forward(texts: list[str], names: list[str]) -> list[dict]:
         batch = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
-        with lock, torch.inference_mode():
+        with torch.inference_mode():
             if mode == "serial":
                 model.set_adapter(names[0])
                 logits = model(**batch).logits
             else:
                 logits = model(**batch, adapter_names=names).logits
         return answers(torch.softmax(logits.float(), -1), names, labels)
+
+    async def on_model_thread(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(model_thread, fn, *args)
 
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -88,20 +100,30 @@ def create_app(mode: str, preload: list[str], window_ms: float, max_rows: int, d
                 rows += len(job[0])
             texts = [t for texts, _, _ in jobs for t in texts]
             names = [n for texts, name, _ in jobs for n in [name] * len(texts)]
-            results = await asyncio.to_thread(forward, texts, names)
+            try:
+                results = await on_model_thread(forward, texts, names)
+            except Exception as e:  # fail this batch's requests, keep serving
+                for _, _, future in jobs:
+                    if not future.done():
+                        future.set_exception(e)
+                continue
             start = 0
             for texts, _, future in jobs:
-                future.set_result(results[start : start + len(texts)])
+                if not future.done():  # done: cancelled, its client went away
+                    future.set_result(results[start : start + len(texts)])
                 start += len(texts)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        await on_model_thread(load)
         names = list(labels)
-        forward(["warm-up"] * len(names), names if mode == "microbatch" else names[:1] * len(names))
+        warm_names = names if mode == "microbatch" else names[:1] * len(names)
+        await on_model_thread(forward, ["warm-up"] * len(names), warm_names)
         worker = asyncio.create_task(batcher()) if mode == "microbatch" else None
         yield
         if worker:
             worker.cancel()
+        model_thread.shutdown(wait=True)
 
     app = FastAPI(lifespan=lifespan)
 
@@ -113,7 +135,7 @@ def create_app(mode: str, preload: list[str], window_ms: float, max_rows: int, d
     async def classify(request: ClassifyRequest) -> dict:
         texts = [request.inputs] if isinstance(request.inputs, str) else request.inputs
         if mode == "serial":
-            results = await asyncio.to_thread(forward, texts, [request.adapter_id] * len(texts))
+            results = await on_model_thread(forward, texts, [request.adapter_id] * len(texts))
         else:
             future = asyncio.get_running_loop().create_future()
             await queue.put((texts, request.adapter_id, future))

@@ -11,8 +11,9 @@ the answer comes) against, one after another on the same machine:
 - a FastAPI server micro-batching into PEFT's mixed-adapter mode (5 ms window, <= 64 rows);
 - a serial FastAPI + PEFT server (set_adapter and forward per request).
 
-The peers are bench/peer_server.py. Per server: requests/s, p50 and p99 latency, and the CPU the load
-generator itself used (its process time over the run, in cores), since it shares the machine.
+The peers are bench/peer_server.py. Per server: requests/s, p50 and p99 latency, the CPU the server's
+process tree used per request, and the CPU the load generator itself used (in cores, since it shares the
+machine), both over the measuring window. `--workers N` is passed to `loraplex serve` only when given.
 """
 
 from __future__ import annotations
@@ -28,10 +29,9 @@ import json  # noqa: E402
 import os  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 
-from bench.common import tweets  # noqa: E402
-from bench.serving import closed_loop, make_adapters  # noqa: E402
+from bench.common import CpuWindow, closed_loop, tweets  # noqa: E402
+from bench.serving import make_adapters  # noqa: E402
 from tests.live_server import LiveServer  # noqa: E402
 
 
@@ -39,9 +39,10 @@ def measure(
     server: LiveServer, clients: int, names: list[str], texts: list[str], warmup: float, seconds: float
 ):
     with server:
-        cpu, wall = time.process_time(), time.perf_counter()
-        latencies, failures = asyncio.run(closed_loop(server.port, clients, names, texts, warmup, seconds))
-        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        window = CpuWindow(server.proc.pid)
+        latencies, failures = asyncio.run(
+            closed_loop(server.port, clients, names, texts, warmup, seconds, window=window)
+        )
     if len(latencies) < 2:
         raise SystemExit(f"{len(latencies)} requests finished in the window; give more --seconds")
     return {
@@ -49,7 +50,8 @@ def measure(
         "p50_ms": 1000 * statistics.median(latencies),
         "p99_ms": 1000 * statistics.quantiles(latencies, n=100)[98],
         "failures": failures,
-        "load_generator_cores": cpu / wall,
+        "server_cpu_us_per_request": 1e6 * window.server_cpu_s / len(latencies),
+        "load_generator_cores": window.load_generator_cores,
     }
 
 
@@ -65,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--texts", type=int, default=512)
     parser.add_argument("--dtype", default="float32", help="loraplex's --dtype")
     parser.add_argument("--peer-dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument(
+        "--workers", type=int, default=None, help="loraplex's --workers (default: not passed)"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
 
@@ -80,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             "--adapter-store", str(root / "store"), "--max-resident", str(args.adapters),
             "--max-rank", str(args.rank), "--max-queued", str(max(1024, 4 * args.clients)),
             "--log-level", "warning", "--dtype", args.dtype, *preload,
+            *(("--workers", str(args.workers)) if args.workers is not None else ()),
         ),
         "peft micro-batching": LiveServer(
             "--mode", "microbatch", "--dtype", args.peer_dtype, *preload, module="bench.peer_server",
@@ -101,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"  {name:<20} {r['requests_per_s']:7.1f} req/s  p50 {r['p50_ms']:7.1f} ms  "
             f"p99 {r['p99_ms']:7.1f} ms  failures {r['failures']}  "
+            f"server {r['server_cpu_us_per_request']:.0f} us CPU/req  "
             f"load generator {r['load_generator_cores']:.2f} cores",
             flush=True,
         )

@@ -1,15 +1,19 @@
 """Serving throughput and latency: N closed-loop clients against a live `loraplex serve` with K adapters.
 
     python bench/serving.py --json bench/out/serving.json   # 64 rank-8 all-linear adapters; 64, 32 clients
+    python bench/serving.py --device cuda --dtype bfloat16 --clients 256,64 --workers 4   # a GPU server
     python bench/serving.py --adapters 4 --clients 4,2 --seconds 3 --warmup 1 --engine-reps 3  # quick check
 
 Each client sends one real tweet per request, for an adapter drawn uniformly from the K, and sends the next
 request as soon as the answer arrives. Per load level: requests/s over `--seconds` (after `--warmup`), p50,
-p95 and p99 latency, and the mean batch the server formed (from its /metrics). In the same run, before the
-server starts: engine-only throughput on the same texts and adapters, in this process on a worker thread
-(as the server runs it), in batches of `--max-batch-size` rows in corpus order, each row for the next
-adapter. The server/engine ratio is what HTTP, queueing and batching cost or save. Clients speak HTTP/1.1
-over asyncio streams to keep their own CPU use small; they share the machine's cores with the server.
+p95 and p99 latency, the mean batch the server formed (from its /metrics), and, over the measuring window,
+the CPU the server's whole process tree used per request and the CPU the load generator (this process)
+used, in cores. In the same run, before the server starts: engine-only throughput on the same texts and
+adapters, in this process on a worker thread (as the server runs it), in batches of `--max-batch-size`
+rows in corpus order, each row for the next adapter. The server/engine ratio is what HTTP, queueing and
+batching cost or save. Clients speak HTTP/1.1 over asyncio streams to keep their own CPU use small; they
+share the machine's cores with the server. `--workers N` is passed to `loraplex serve` (its HTTP worker
+processes) only when given.
 """
 
 from __future__ import annotations
@@ -23,13 +27,11 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import json  # noqa: E402
-import random  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
-import time  # noqa: E402
 
-from bench.common import median_seconds, tweets  # noqa: E402
+from bench.common import CpuWindow, closed_loop, median_seconds, tweets  # noqa: E402
 from tests.live_server import LiveServer  # noqa: E402
 from tests.serving_support import metrics, sample  # noqa: E402
 
@@ -87,51 +89,6 @@ def engine_only(
     return rows / result[0]
 
 
-async def closed_loop(port: int, clients: int, adapters: list[str], texts: list[str], warmup: float,
-                      seconds: float, request=None) -> tuple[list[float], int]:  # fmt: skip
-    """Latencies (s) of requests started inside the measuring window, and the number of failures.
-
-    `request(rng)` gives each request's (path, JSON body); by default /classify of a random text for a
-    random adapter."""
-    if request is None:
-
-        def request(rng: random.Random) -> tuple[bytes, dict]:
-            return b"/classify", {"adapter_id": rng.choice(adapters), "inputs": rng.choice(texts)}
-
-    latencies: list[float] = []
-    failures = 0
-    start = time.perf_counter()
-    measure_from, stop_at = start + warmup, start + warmup + seconds
-
-    async def client(seed: int) -> None:
-        nonlocal failures
-        rng = random.Random(seed)
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        try:
-            while (began := time.perf_counter()) < stop_at:
-                path, fields = request(rng)
-                body = json.dumps(fields).encode()
-                writer.write(
-                    b"POST %s HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
-                    b"Content-Length: %d\r\n\r\n%s" % (path, len(body), body)
-                )
-                status = int((await reader.readline()).split()[1])
-                length = 0
-                while (line := await reader.readline()) not in (b"\r\n", b""):
-                    name, _, value = line.partition(b":")
-                    if name.lower() == b"content-length":
-                        length = int(value)
-                await reader.readexactly(length)
-                if began >= measure_from:
-                    latencies.append(time.perf_counter() - began)
-                    failures += status != 200
-        finally:
-            writer.close()
-
-    await asyncio.gather(*(client(seed) for seed in range(clients)))
-    return latencies, failures
-
-
 def batch_stats(url: str) -> tuple[float, float]:
     """Rows and batches the server has run so far."""
     samples = metrics(url)
@@ -153,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine-reps", type=int, default=9)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", default="float32", help="the server's --dtype")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="the server's --workers (default: not passed)"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     levels = [int(n) for n in args.clients.split(",")]
@@ -173,16 +133,20 @@ def main(argv: list[str] | None = None) -> int:
         "--max-wait-ms", str(args.max_wait_ms), "--max-queued", str(max(1024, 4 * max(levels))),
         "--log-level", "warning", "--dtype", args.dtype, *preload,
         *(("--device", args.device) if args.device else ()),
+        *(("--workers", str(args.workers)) if args.workers is not None else ()),
     )  # fmt: skip
     results = []
     with server:
         names = [f"a{i}" for i in range(args.adapters)]
         for clients in levels:
             rows_before, batches_before = batch_stats(server.url)
+            window = CpuWindow(server.proc.pid)
             latencies, failures = asyncio.run(
-                closed_loop(server.port, clients, names, texts, args.warmup, args.seconds)
+                closed_loop(server.port, clients, names, texts, args.warmup, args.seconds, window=window)
             )
             rows_after, batches_after = batch_stats(server.url)
+            if len(latencies) < 2:
+                raise SystemExit(f"{len(latencies)} requests finished in the window; give more --seconds")
             percentiles = statistics.quantiles(latencies, n=100)
             level = {
                 "clients": clients,
@@ -193,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
                 "p95_ms": 1000 * percentiles[94],
                 "p99_ms": 1000 * percentiles[98],
                 "mean_batch_rows": (rows_after - rows_before) / max(batches_after - batches_before, 1),
+                "server_cpu_us_per_request": 1e6 * window.server_cpu_s / len(latencies),
+                "server_cores": window.server_cores,
+                "load_generator_cores": window.load_generator_cores,
             }
             level["vs_engine_only"] = level["requests_per_s"] / engine_rows_per_s
             level["p99_over_p50"] = level["p99_ms"] / level["p50_ms"]
@@ -201,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"clients={clients:<4} {level['requests_per_s']:7.1f} req/s  p50 {level['p50_ms']:7.1f} ms  "
                 f"p95 {level['p95_ms']:7.1f} ms  p99 {level['p99_ms']:7.1f} ms  "
                 f"batch {level['mean_batch_rows']:5.1f} rows  x{level['vs_engine_only']:.2f} of engine-only  "
-                f"failures {failures}",
+                f"server {level['server_cpu_us_per_request']:.0f} us CPU/req "
+                f"({level['server_cores']:.2f} cores)  "
+                f"load generator {level['load_generator_cores']:.2f} cores  failures {failures}",
                 flush=True,
             )
     if args.json:
@@ -214,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             "max_wait_ms": args.max_wait_ms,
             "device": args.device,
             "dtype": args.dtype,
+            "workers": args.workers,
             "seconds": args.seconds,
             "engine_only_rows_per_s": engine_rows_per_s,
             "levels": results,

@@ -13,7 +13,7 @@ next request as soon as the answer comes):
 - classification only: K sequence-classification adapters, every request /classify.
 
 Per server: requests/s, p50 and p99 latency. The ratio mixed / classification-only is what serving the
-other tasks in the same batches costs.
+other tasks in the same batches costs. `--workers N` is passed to `loraplex serve` only when given.
 """
 
 from __future__ import annotations
@@ -29,8 +29,7 @@ import json  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 
-from bench.common import tweets  # noqa: E402
-from bench.serving import closed_loop  # noqa: E402
+from bench.common import closed_loop, tweets  # noqa: E402
 from tests.live_server import LiveServer  # noqa: E402
 from tests.task_support import save_task_adapter  # noqa: E402
 
@@ -81,6 +80,7 @@ def measure(root: Path, adapters, texts, args) -> dict:
     server = LiveServer(
         "--adapter-store", str(root), "--max-resident", str(len(adapters)), "--max-rank", str(args.rank),
         "--max-queued", str(max(1024, 4 * args.clients)), "--log-level", "warning", *preload,
+        *(("--workers", str(args.workers)) if args.workers is not None else ()),
     )  # fmt: skip
     with server:
         latencies, failures = asyncio.run(
@@ -114,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--warmup", type=float, default=4.0)
     parser.add_argument("--texts", type=int, default=512)
+    parser.add_argument(
+        "--workers", type=int, default=None, help="the servers' --workers (default: not passed)"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
 
