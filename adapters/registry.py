@@ -160,6 +160,19 @@ class Registry:
 
     # --- event-loop side ---------------------------------------------------------------------------
 
+    def get_cached(self, adapter_id: str) -> AdapterHandle | None:
+        """`get` without waiting: the current version when it is in host memory, else None (then `get`)."""
+        _check_known_id(adapter_id)
+        known = self._known.get(adapter_id)
+        if known is None:
+            return None
+        handle = self._host.get((adapter_id, known.record.version))
+        if handle is not None:
+            if self._age(known) >= self.staleness_s:
+                self._refresh_soon(adapter_id)
+            self._host.move_to_end(handle.key)
+        return handle
+
     async def get(self, adapter_id: str) -> AdapterHandle:
         """The current version of `adapter_id`, weights in host memory; NotFoundError if there is none.
 

@@ -210,6 +210,8 @@ class _EngineProcess:
                 if op == "cancel":
                     self._cancel(worker, request_id, *args)
                     continue
+                if op == "infer" and self._infer_now((worker, request_id), *args):
+                    continue
                 handler = self.handlers.get(op)
                 if handler is None:
                     log.warning("dropped a request of unknown kind %r", op)
@@ -252,6 +254,35 @@ class _EngineProcess:
     async def _hello(self, key) -> dict:
         return self.info
 
+    def _infer_now(self, key, adapter_id: str | None, route: str, top_k: int | None, rows: list) -> bool:
+        """The common case without a task: the adapter's current version is in host memory, so the rows
+        are queued at once and the answer leaves from the job's callback. False: take the slow path."""
+        try:
+            handle = BaseHandle() if adapter_id is None else self.registry.get_cached(adapter_id)
+            if handle is None:
+                return False
+            check_route(handle, route, top_k)
+            job = self.batcher.submit([Tokens(ids, start) for ids, start in rows], handle)
+        except LoraplexError as exc:
+            self._send(key[0], [key[1], False, ipc.error_payload(exc)])
+            return True
+        self.jobs[key] = job
+        job.future.add_done_callback(lambda future: self._job_done(key, handle, job))
+        return True
+
+    def _job_done(self, key, handle, job) -> None:
+        if self.jobs.pop(key, None) is None or job.future.cancelled():
+            return  # given up on by its worker: nobody to answer
+        exc = job.future.exception()
+        if exc is None:
+            answer = [key[1], True, self._result(handle, job)]
+        elif isinstance(exc, LoraplexError):
+            answer = [key[1], False, ipc.error_payload(exc)]
+        else:
+            log.error("request failed", exc_info=exc)
+            answer = [key[1], False, ["UnavailableError", "The server could not handle this request.", 1]]
+        self._send(key[0], answer)
+
     async def _infer(self, key, adapter_id: str | None, route: str, top_k: int | None, rows: list) -> dict:
         handle = BaseHandle() if adapter_id is None else await self.registry.get(adapter_id)
         check_route(handle, route, top_k)
@@ -263,6 +294,9 @@ class _EngineProcess:
             if not job.future.done():
                 self.batcher.cancel(job, "disconnect")
             raise
+        return self._result(handle, job)
+
+    def _result(self, handle, job) -> dict:
         metrics = self.metrics
         return {
             "adapter": {
@@ -327,9 +361,9 @@ class _EngineProcess:
         """Drop the queued rows of workers that died: nobody will read their answers."""
         while True:
             await asyncio.sleep(WORKER_CHECK_S)
-            for worker in {worker for worker, _ in self.pending}:
+            for worker in {worker for worker, _ in [*self.pending, *self.jobs]}:
                 if not _alive(worker):
-                    for key in [key for key in self.pending if key[0] == worker]:
+                    for key in {key for key in [*self.pending, *self.jobs] if key[0] == worker}:
                         self._cancel(*key, "disconnect")
 
 

@@ -162,15 +162,10 @@ class Supervisor:
         self.sock.close()  # the engine takes no HTTP connections
         from loraplex.engine_server import run_engine
 
-        threads = self.settings.engine_threads
-        if threads is None and not _uses_cuda(self.settings):
-            # Parallel matmuls wait at every op for their slowest thread: one that shares its core with a
-            # busy worker stalls them all. So the engine takes the cores the workers leave.
-            threads = max(1, len(os.sched_getaffinity(0)) - self.workers)
-        import torch
+        if self.settings.engine_threads is not None:
+            import torch
 
-        if threads is not None:
-            torch.set_num_threads(threads)
+            torch.set_num_threads(self.settings.engine_threads)
         factory = self.engine_factory
         if factory is None:
             from loraplex.engine import Engine as factory

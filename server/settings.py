@@ -48,8 +48,7 @@ class Settings(BaseSettings):
         None,
         ge=1,
         le=1024,
-        description="CPU threads of the engine process's matmuls (default: on cpu, the cores that the "
-        "workers leave, at least 1; on cuda, torch's own)",
+        description="CPU threads of the engine process's matmuls (default: torch's own, every core)",
     )
     max_resident: int = Field(16, ge=1, description="engine slots: adapters resident for one forward pass")
     max_host_cache: int = Field(256, ge=1, description="adapters kept parsed in host memory")

@@ -27,11 +27,12 @@ from tests.serving_support import TEXTS, adapter_dirs, metrics, preload_args, re
 BOUND_S = 60.0  # a bound for a slow machine, never an expected time
 
 
-def wait_for(predicate, timeout: float = BOUND_S, message: str = "condition") -> None:
+def wait_for(predicate, timeout: float = BOUND_S, message: str = "condition", show=None) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"{message} not reached within {timeout} s")
+            seen = f" (last: {show()})" if show else ""
+            raise AssertionError(f"{message} not reached within {timeout} s{seen}")
         time.sleep(0.02)
 
 
@@ -171,10 +172,10 @@ def test_a_worker_that_dies_is_replaced_and_its_requests_end_at_once(control):
         control.hold()
         with ThreadPoolExecutor(6) as pool:
             kept_answers = [pool.submit(b[0].classify, "sent", TEXTS[:2])]
-            wait_for(lambda: control.entered()[0] == 1, message="a batch held in the engine")
+            wait_for(lambda: control.entered()[0] == 1, message="a batch held in the engine", show=srv.log)
             doomed_answers = [pool.submit(c.classify, "sent", TEXTS[:2]) for c in a]
             kept_answers += [pool.submit(c.classify, "sent", TEXTS[:2]) for c in b[1:]]
-            wait_for(lambda: _depth(srv) == 10, message="both workers' rows queued")
+            wait_for(lambda: _depth(srv) == 10, message="both workers' rows queued", show=srv.log)
             os.kill(pid, signal.SIGKILL)
             # The dead worker's clients see their connections closed at once, not a hang.
             assert [f.result(timeout=BOUND_S)[0] for f in doomed_answers] == ["closed"] * 3
@@ -205,7 +206,7 @@ def test_an_engine_that_dies_fails_requests_with_503_and_stops_the_server(contro
         control.hold()
         with ThreadPoolExecutor(1) as pool:
             waiting = pool.submit(connection.classify, "sent", TEXTS[:2])
-            wait_for(lambda: control.entered()[0] >= 1, message="a batch in the engine")
+            wait_for(lambda: control.entered()[0] >= 1, message="a batch in the engine", show=srv.log)
             os.kill(engine_pid(srv), signal.SIGKILL)
             status, answer = waiting.result(timeout=BOUND_S)
         assert status == 503, answer
