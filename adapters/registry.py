@@ -179,16 +179,11 @@ class Registry:
         A version in host memory is returned at once, even when its manifest is due for a check (that
         check runs in the background); otherwise the manifest and the weights are read from the store.
         """
-        _check_known_id(adapter_id)
         for _ in range(4):
+            handle = self.get_cached(adapter_id)
+            if handle is not None:
+                return handle
             known = self._known.get(adapter_id)
-            if known is not None:
-                handle = self._host.get((adapter_id, known.record.version))
-                if handle is not None:
-                    if self._age(known) >= self.staleness_s:
-                        self._refresh_soon(adapter_id)
-                    self._host.move_to_end(handle.key)
-                    return handle
             if known is None or self._age(known) >= self.staleness_s:
                 await self._once(("manifest", adapter_id), lambda: self._refresh(adapter_id))
                 known = self._known.get(adapter_id)
