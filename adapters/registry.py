@@ -50,7 +50,8 @@ from loraplex.adapters.store import (
     AdapterStore,
     check_adapter_id,
 )
-from loraplex.adapters.validate import load_stored, parse_labels, validate_upload
+from loraplex.adapters.upload import parse_labels
+from loraplex.adapters.validate import load_stored, validate_upload
 
 log = logging.getLogger("loraplex.registry")
 

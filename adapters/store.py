@@ -212,15 +212,6 @@ class AdapterStore(ABC):
         """Remove `adapter_id` and all its versions; False if it did not exist."""
 
 
-def open_store(location: str) -> AdapterStore:
-    """The store at `location`: `s3://bucket/prefix` (needs boto3) or a directory."""
-    if location.startswith("s3://"):
-        from loraplex.adapters.store_s3 import S3Store
-
-        return S3Store.from_url(location)
-    return DirectoryStore(location)
-
-
 class DirectoryStore(AdapterStore):
     """An AdapterStore in a local directory, safe for several threads and processes sharing it."""
 

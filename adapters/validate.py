@@ -1,32 +1,28 @@
 """Hostile-input checks for uploaded adapter files, before anything is stored.
 
-The order is cheap-to-expensive: id allowlist, sizes (streamed, see `limited`), file type sniffing (pickle,
-zip or anything else that is not safetensors -> UnsupportedMediaError; nothing is ever unpickled), the
-safetensors structure (parsed by safetensors' own loader, which checks the header length, the JSON, and that
-the offsets cover the data exactly), dtypes and ranks of every tensor, and finally `loraplex.adapters.peft
-.parse_adapter`, which applies PEFT's config semantics and checks names, shapes, ranks, finiteness and the
-head against the base model. Every rejection is a LoraplexError whose message names the file, field, key or
-shape at fault.
+The order is cheap-to-expensive: id allowlist, sizes (streamed, see `loraplex.adapters.upload`), file type
+sniffing (pickle, zip or anything else that is not safetensors -> UnsupportedMediaError; nothing is ever
+unpickled), the safetensors structure (parsed by safetensors' own loader, which checks the header length,
+the JSON, and that the offsets cover the data exactly), dtypes and ranks of every tensor, and finally
+`loraplex.adapters.peft.parse_adapter`, which applies PEFT's config semantics and checks names, shapes,
+ranks, finiteness and the head against the base model. Every rejection is a LoraplexError whose message
+names the file, field, key or shape at fault.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 
-from loraplex.adapters.errors import InvalidAdapterError, PayloadTooLargeError, UnsupportedMediaError
+from loraplex.adapters.errors import InvalidAdapterError, UnsupportedMediaError
 from loraplex.adapters.peft import AdapterWeights, BaseSpec, parse_adapter
 from loraplex.adapters.store import AdapterFiles, AdapterRecord, check_adapter_id, utc_now
+from loraplex.adapters.upload import check_size, parse_config, short
 
-MAX_CONFIG_BYTES = 1 << 20
-MAX_LABELS_BYTES = 1 << 16
-MAX_LABEL_CHARS = 200
 # What the engine can hold in a slot; float8 and integer tensors would silently change the math.
 ALLOWED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 PICKLE_PROTOCOLS = tuple(bytes([0x80, p]) for p in range(2, 6))
@@ -41,63 +37,6 @@ class ValidatedAdapter:
     record: AdapterRecord
     files: AdapterFiles
     weights: AdapterWeights
-
-
-async def limited(chunks: AsyncIterable[bytes], limit: int, what: str) -> AsyncIterator[bytes]:
-    """Pass `chunks` through, raising PayloadTooLargeError as soon as more than `limit` bytes arrived."""
-    seen = 0
-    async for chunk in chunks:
-        seen += len(chunk)
-        if seen > limit:
-            raise PayloadTooLargeError(f"{what} is larger than the limit of {limit} bytes.")
-        yield chunk
-
-
-def check_size(data: bytes, limit: int, what: str) -> None:
-    if len(data) > limit:
-        raise PayloadTooLargeError(f"{what} is {len(data)} bytes, over the limit of {limit} bytes.")
-
-
-def parse_config(data: bytes) -> dict:
-    """adapter_config.json bytes -> dict; a JSON object in UTF-8 or InvalidAdapterError."""
-    check_size(data, MAX_CONFIG_BYTES, "adapter_config.json")
-    try:
-        config = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise InvalidAdapterError(f"adapter_config.json is not valid UTF-8 JSON: {_short(exc)}.") from None
-    if not isinstance(config, dict):
-        raise InvalidAdapterError("adapter_config.json must be a JSON object.")
-    return config
-
-
-def parse_labels(text: str | bytes | None) -> list[str] | None:
-    """The optional `labels` field: a JSON array of distinct non-empty strings, or None when absent."""
-    if text is None:
-        return None
-    if isinstance(text, bytes):
-        check_size(text, MAX_LABELS_BYTES, "'labels'")
-        try:
-            text = text.decode("utf-8")
-        except UnicodeDecodeError:
-            raise InvalidAdapterError("'labels' is not valid UTF-8.") from None
-    if len(text) > MAX_LABELS_BYTES:
-        raise PayloadTooLargeError(f"'labels' is over the limit of {MAX_LABELS_BYTES} characters.")
-    try:
-        labels = json.loads(text)
-    except (ValueError, RecursionError):
-        raise InvalidAdapterError(
-            'The labels field must be a JSON array of label names, e.g. ["negative", "positive"].'
-        ) from None
-    if not isinstance(labels, list) or not labels:
-        raise InvalidAdapterError(
-            'The labels field must be a non-empty JSON array of label names, e.g. ["negative", "positive"].'
-        )
-    for index, label in enumerate(labels):
-        if not isinstance(label, str) or not label.strip() or len(label) > MAX_LABEL_CHARS:
-            raise InvalidAdapterError(
-                f"'labels'[{index}] must be a non-empty string of at most {MAX_LABEL_CHARS} characters."
-            )
-    return labels
 
 
 def load_tensors(data: bytes, filename: str | None = None) -> dict[str, torch.Tensor]:
@@ -116,7 +55,7 @@ def load_tensors(data: bytes, filename: str | None = None) -> dict[str, torch.Te
     try:
         tensors = load_safetensors_bytes(data)
     except SafetensorError as exc:
-        raise InvalidAdapterError(f"adapter_model.safetensors is damaged: {_short(exc)}.") from None
+        raise InvalidAdapterError(f"adapter_model.safetensors is damaged: {short(exc)}.") from None
     if not tensors:
         raise InvalidAdapterError("adapter_model.safetensors holds no tensors.")
     for key, tensor in tensors.items():
@@ -191,7 +130,7 @@ def build_weights(
         weights = parse_adapter(config, tensors, base, labels=labels, max_rank=max_rank)
     except (ValueError, OverflowError, RecursionError) as exc:
         # a value of the right type that cannot be used, e.g. a target pattern that is no regex
-        raise InvalidAdapterError(f"adapter_config.json has an invalid value: {_short(exc)}.") from None
+        raise InvalidAdapterError(f"adapter_config.json has an invalid value: {short(exc)}.") from None
     if weights.num_labels > max_labels:
         raise InvalidAdapterError(
             f"The classification head has {weights.num_labels} labels; this server accepts at most "
@@ -245,8 +184,3 @@ def load_stored(files: AdapterFiles, base: BaseSpec, *, max_rank: int, max_label
         max_rank=max_rank,
         max_labels=max_labels,
     )
-
-
-def _short(exc: BaseException, limit: int = 200) -> str:
-    text = str(exc).strip().rstrip(".") or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."

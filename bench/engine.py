@@ -32,7 +32,7 @@ def peft_model_with_adapters(path: str, k: int, num_labels: int = 3, targets: li
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
-    from loraplex.models import family_for, head_modules
+    from loraplex.engine.models import family_for, head_modules
 
     torch.manual_seed(0)
     base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels).eval()
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForSequenceClassification
 
     from loraplex.adapters.peft import parse_adapter
-    from loraplex.engine import Engine, length_groups
+    from loraplex.engine.core import Engine, length_groups
 
     path = model_dir(args.model)
     ks = [int(k) for k in args.ks.split(",")]

@@ -6,7 +6,7 @@
 The engine is built and timed on one thread (one batch of 64 real tweets, each row for adapter `i % 64`,
 rank-8 LoRA on every linear layer), then a second thread runs the same engine once and stays alive, and
 the first thread is timed again. loraplex builds, warms up and runs its engine on one thread
-(`loraplex.batcher.EngineThread`), so that no other thread of the server needs to run the engine's work.
+(`loraplex.engine.batcher.EngineThread`) so that no other thread of the server needs to run the engine's work.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench.engine import peft_model_with_adapters
     from loraplex.adapters.peft import parse_adapter
-    from loraplex.batcher import EngineThread
-    from loraplex.engine import Engine
+    from loraplex.engine.batcher import EngineThread
+    from loraplex.engine.core import Engine
 
     path = model_dir(args.model)
     peft = peft_model_with_adapters(path, 64)

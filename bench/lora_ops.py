@@ -6,7 +6,7 @@
 
 One group of rows as the engine runs it (rows ordered by slot), rank 8, each linear of an encoder layer;
 for K adapters spread over the rows, the extra time of each delta path over the frozen matmul alone
-(medians of interleaved rounds). `loraplex.lora.SEGMENT_MIN_TOKENS` is set from these figures.
+(medians of interleaved rounds). `loraplex.engine.lora.SEGMENT_MIN_TOKENS` is set from these figures.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ SHAPES = {"minilm": (384, 1536), "bert-base": (768, 3072)}
 
 def time_linear(inp: int, out: int, parts: int, args, g: torch.Generator):
     """Per K: seconds of the frozen matmul, and each delta path's extra time as a share of it."""
-    from loraplex.lora import add_segment_deltas, gathered_lora_linear, pack_weight, slot_segments
+    from loraplex.engine.lora import add_segment_deltas, gathered_lora_linear, pack_weight, slot_segments
 
     x = torch.randn(args.rows, args.tokens, inp, generator=g)  # [B, T, in]
     weight, bias = torch.randn(parts * out, inp, generator=g), torch.randn(parts * out, generator=g)
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=50, help="calls per timed round")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args(argv)
-    from loraplex.engine import keep_freed_memory
+    from loraplex.engine.core import keep_freed_memory
 
     keep_freed_memory()  # as the engine runs
 

@@ -37,7 +37,7 @@ def throughput(model: str, dtypes: list[str], rows: int, reps: int) -> dict[str,
     from peft import get_peft_model_state_dict
 
     from loraplex.adapters.peft import parse_adapter
-    from loraplex.engine import Engine
+    from loraplex.engine.core import Engine
 
     path = model_dir(model)
     peft = peft_model_with_adapters(path, K)
@@ -64,7 +64,7 @@ def demo_accuracy(dtypes: list[str], held_out: int) -> dict[str, dict]:
     from safetensors.torch import load_file
 
     from loraplex.adapters.peft import parse_adapter
-    from loraplex.engine import Engine
+    from loraplex.engine.core import Engine
 
     tasks = {}
     for task, labels in TASKS.items():

@@ -53,7 +53,7 @@ def engine_only(
     from safetensors.torch import load_file
 
     from loraplex.adapters.peft import parse_adapter
-    from loraplex.engine import Engine
+    from loraplex.engine.core import Engine
 
     engine = Engine(device=device, dtype=dtype, num_slots=len(folders), max_rank=rank)
     for slot, folder in enumerate(folders):

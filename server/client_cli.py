@@ -35,8 +35,8 @@ from typing import Any, TextIO
 
 import httpx
 
-from loraplex.cli import DefaultsHelpFormatter, add_version
 from loraplex.client import DEFAULT_URL, AdapterInfo, APIError, Client
+from loraplex.console import DefaultsHelpFormatter, add_version
 
 DEFAULT_CHUNK = 32  # the server's default max_client_batch, for a server that does not publish its own
 FORMATS = ("text", "csv", "tsv", "jsonl")

@@ -30,6 +30,16 @@ encode = _encoder.encode
 decode = _decoder.decode
 
 
+class Tokens(list):
+    """Token ids of one input (special tokens included), where its token type 1 starts, and whether it
+    was truncated."""
+
+    def __init__(self, ids: list[int], type_start: int | None = None, truncated: bool = False):
+        super().__init__(ids)
+        self.type_start = len(ids) if type_start is None else type_start
+        self.truncated = truncated
+
+
 def error_payload(exc: errors.LoraplexError) -> list:
     return [type(exc).__name__, exc.message, getattr(exc, "retry_after", None)]
 

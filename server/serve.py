@@ -1,9 +1,9 @@
 """`loraplex serve`: one engine process and N HTTP worker processes, watched by this supervisor.
 
     supervisor (this process: binds the port, starts and watches the others; no torch, no HTTP)
-      ├─ engine process    the device, the slots, the batcher, the adapter registry (loraplex.engine_server)
+      ├─ engine process    the device, slots, batcher, adapter registry (loraplex.engine.process)
       └─ worker x N        uvicorn on the shared listening socket: parse, tokenize, post-process, answer
-                           (loraplex.app), talking to the engine over ZeroMQ (loraplex.engine_client)
+                           (loraplex.http.app), over ZeroMQ to the engine (loraplex.http.engine_client)
 
 On SIGTERM (or Ctrl+C): every worker drains (/ready turns 503, work routes refuse new requests, requests
 already accepted finish within `drain_grace_s`, the rest get 503), then the engine process stops, and the
@@ -47,7 +47,7 @@ ENGINE_STOP = signal.SIGUSR1  # what stops the engine process (it ignores SIGTER
 
 
 def main(argv: list[str] | None = None, *, engine_factory=None) -> int:
-    """Run the server; `engine_factory` (called like `loraplex.engine.Engine`) replaces the engine class."""
+    """Run the server; `engine_factory` (called like `loraplex.engine.core.Engine`) replaces the engine."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] in (["-h"], ["--help"]):
         build_parser().print_help()
@@ -160,7 +160,7 @@ class Supervisor:
     def _engine_main(self, alive_r: int) -> int:
         os.close(alive_r)
         self.sock.close()  # the engine takes no HTTP connections
-        from loraplex.engine_server import run_engine
+        from loraplex.engine.process import run_engine
 
         if self.settings.engine_threads is not None:
             import torch
@@ -168,7 +168,7 @@ class Supervisor:
             torch.set_num_threads(self.settings.engine_threads)
         factory = self.engine_factory
         if factory is None:
-            from loraplex.engine import Engine as factory
+            from loraplex.engine.core import Engine as factory
         return run_engine(self.settings, factory, self.address)
 
     def _start_worker(self, index: int, serve_while_loading: bool = False) -> None:
@@ -177,7 +177,7 @@ class Supervisor:
         self.worker_pids[pid] = index
 
     def _worker_main(self, index: int, serve_while_loading: bool) -> int:
-        from loraplex.app import EngineLink, create_app
+        from loraplex.http.app import EngineLink, create_app
 
         s = self.settings
         link = EngineLink(self.address, self.alive_r, f"w{index}-{os.getpid()}", serve_while_loading)

@@ -17,6 +17,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from loraplex.console import add_version
+
 ENV_PREFIX = "LORAPLEX_"
 _DEVICE_RE = re.compile(r"^(cpu|cuda(:[0-9]+)?)$")
 _PRELOAD_RE = re.compile(r"^([^=]+)=(.+)$")
@@ -204,8 +206,6 @@ def option_flag(name: str) -> str:
 
 
 def build_parser(prog: str = "loraplex serve") -> argparse.ArgumentParser:
-    from loraplex.cli import add_version
-
     parser = _Parser(prog=prog, description="Run the loraplex HTTP server.", argument_default=SUPPRESS)
     add_version(parser)
     for name, field in Settings.model_fields.items():

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoModel, PretrainedConfig
 
 from loraplex.adapters.peft import AdapterWeights, parse_adapter
-from loraplex.engine import Engine
+from loraplex.engine.core import Engine
 from tests.live_server import LiveServer
 from tests.peft_factory import peft_logits, tokenizer
 

@@ -1,6 +1,6 @@
 """A real engine whose time the tests control, and the `loraplex serve` that runs it.
 
-`PacedEngine` is `loraplex.engine.Engine` with every batch computed by the real engine, then:
+`PacedEngine` is `loraplex.engine.core.Engine` with every batch computed by the real engine, then:
 
 1. stretched by `LORAPLEX_TEST_ENGINE_SPEED`, a factor on the engine's time per batch (default 1):
    0.2 runs the engine five times faster, 5 five times slower. With a factor above 1 a batch sleeps for
@@ -101,7 +101,7 @@ class EngineControl:
 
 
 def _engine_class():
-    from loraplex.engine import Engine
+    from loraplex.engine.core import Engine
 
     class PacedEngine(Engine):
         """The real engine, stretched by the time factor and paced and gated through the control folder."""

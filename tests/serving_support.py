@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file, save_file
 
 from loraplex.adapters.peft import parse_adapter
-from loraplex.engine import Engine
+from loraplex.engine.core import Engine
 from tests.live_server import LiveServer
 from tests.peft_factory import ALL_LINEAR, save_peft_adapter
 

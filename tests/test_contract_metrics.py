@@ -9,7 +9,7 @@ import threading
 import httpx
 import pytest
 
-from loraplex.app import create_app
+from loraplex.http.app import create_app
 from loraplex.settings import Settings
 from tests.contract_support import DEMO, contract_server
 from tests.live_server import LiveServer

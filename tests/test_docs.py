@@ -13,7 +13,7 @@ from urllib.parse import urljoin, urlparse
 import httpx
 import pytest
 
-from loraplex.routes.docs import ASSET_PREFIX, ASSETS
+from loraplex.http.routes.docs import ASSET_PREFIX, ASSETS
 from tests.contract_support import contract_server
 
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from loraplex.adapters.peft import AdapterWeights, parse_adapter
-from loraplex.engine import Engine
+from loraplex.engine.core import Engine
 from tests.peft_factory import ALL_LINEAR, peft_logits, save_peft_adapter
 
 TEXTS = [

@@ -7,13 +7,13 @@ import sys
 
 import pytest
 
-from loraplex.engine import keep_freed_memory
+from loraplex.engine.core import keep_freed_memory
 
 # Runs in a process of its own (malloc's settings are process-wide), on the engine's own thread as the
 # server runs it, and prints the page faults of one forward pass after two to warm up.
 SCRIPT = """
 import resource, threading
-from loraplex.engine import Engine
+from loraplex.engine.core import Engine
 engine = Engine(device="cpu", num_slots=2, max_rank=8)
 ids = engine.tokenize([("a review of the new phone " * (1 + i % 9)).strip() for i in range(64)])
 slots = [engine.empty_slot] * len(ids)

@@ -16,7 +16,7 @@ from transformers import DistilBertConfig
 
 from loraplex.adapters.errors import InvalidAdapterError
 from loraplex.adapters.peft import parse_adapter
-from loraplex.engine import Engine
+from loraplex.engine.core import Engine
 from tests.family_support import (
     check_live_server,
     check_mixed_batch,

@@ -15,7 +15,7 @@ from transformers import ElectraConfig
 
 from loraplex.adapters.errors import InvalidAdapterError
 from loraplex.adapters.peft import parse_adapter
-from loraplex.engine import Engine
+from loraplex.engine.core import Engine
 from tests.family_support import check_live_server, check_mixed_batch, save_model, tiny_config_kwargs
 from tests.peft_factory import save_peft_adapter
 

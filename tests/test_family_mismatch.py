@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from transformers import BertConfig, RobertaConfig
 
 from loraplex.adapters.errors import InvalidAdapterError
-from loraplex.engine import EMBEDDED_HUB_ID, Engine
+from loraplex.engine.core import EMBEDDED_HUB_ID, Engine
 from tests.family_support import load_adapter, save_model, tiny_config_kwargs
 from tests.lifecycle_support import upload
 from tests.live_server import LiveServer

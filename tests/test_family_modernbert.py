@@ -22,7 +22,7 @@ from transformers import AutoModel, AutoModelForMaskedLM, ModernBertConfig
 
 from loraplex.adapters.errors import InvalidAdapterError
 from loraplex.adapters.peft import parse_adapter
-from loraplex.engine import Engine
+from loraplex.engine.core import Engine
 from tests.family_support import (
     TEXTS,
     check_live_server,

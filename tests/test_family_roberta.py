@@ -12,8 +12,8 @@ from transformers import AutoModelForSequenceClassification, CamembertConfig, Ro
 
 from loraplex.adapters.errors import InvalidAdapterError
 from loraplex.adapters.peft import parse_adapter
-from loraplex.engine import Engine
-from loraplex.models import roberta
+from loraplex.engine.core import Engine
+from loraplex.engine.models import roberta
 from tests.family_support import (
     check_live_server,
     check_mixed_batch,

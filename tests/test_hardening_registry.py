@@ -17,7 +17,7 @@ import pytest
 from loraplex.adapters.errors import UnavailableError
 from loraplex.adapters.registry import Registry
 from loraplex.adapters.store import AdapterRecord, DirectoryStore
-from loraplex.engine import Engine
+from loraplex.engine.core import Engine
 from tests.lifecycle_support import AdapterFactory
 
 HOLD_S = 60  # how long a held side waits at most; the tests release it long before

@@ -223,7 +223,7 @@ def test_the_registry_answers_409_for_damaged_entries_and_serves_the_rest(kind, 
 
 @pytest.fixture(scope="module")
 def engine():
-    from loraplex.engine import Engine
+    from loraplex.engine.core import Engine
 
     return Engine(num_slots=2)
 

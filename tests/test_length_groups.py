@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from loraplex.engine import length_groups
+from loraplex.engine.core import length_groups
 
 
 def cost(lengths: list[int], sizes: list[int], group_cost: int) -> int:

@@ -13,7 +13,7 @@ import torch
 from loraplex.adapters.errors import NotFoundError
 from loraplex.adapters.registry import Registry
 from loraplex.adapters.store import AdapterRecord, DirectoryStore
-from loraplex.engine import Engine
+from loraplex.engine.core import Engine
 from tests.lifecycle_support import TEXTS, AdapterFactory, PeftReference
 
 

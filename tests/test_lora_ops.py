@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loraplex import lora
-from loraplex.lora import add_segment_deltas, by_segments, lora_linear, pack_weight, slot_segments
+from loraplex.engine import lora
+from loraplex.engine.lora import add_segment_deltas, by_segments, lora_linear, pack_weight, slot_segments
 
 SLOTS, R_MAX, IN, OUT, BATCH, TOKENS = 16, 16, 24, 40, 12, 5
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from transformers import BertConfig, DistilBertConfig, ElectraConfig, RobertaConfig
 
-from loraplex.engine import Engine
-from loraplex.lora import OneDnnLinear, SlotLinear, _checked, pack_weight
+from loraplex.engine.core import Engine
+from loraplex.engine.lora import OneDnnLinear, SlotLinear, _checked, pack_weight
 from tests.family_support import TEXTS, load_adapter, save_model, tiny_config_kwargs
 from tests.peft_factory import save_peft_adapter
 from tests.test_family_deberta_v2 import HEAD as DEBERTA_HEAD

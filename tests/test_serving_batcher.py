@@ -10,7 +10,7 @@ import torch
 
 from loraplex.adapters.errors import OverloadedError, UnavailableError
 from loraplex.adapters.registry import AdapterHandle
-from loraplex.batcher import Batcher, EngineThread, Entry, Job, take_batch
+from loraplex.engine.batcher import Batcher, EngineThread, Entry, Job, take_batch
 from loraplex.metrics import Metrics
 
 

@@ -186,7 +186,7 @@ def test_a_worker_that_dies_is_replaced_and_its_requests_end_at_once(control):
             control.release()
             assert [f.result(timeout=BOUND_S)[0] for f in kept_answers] == [200] * 3
         # A new worker takes the dead one's place.
-        wait_for(lambda: srv.log().count("loraplex.app: worker") == 3, message="the worker replaced")
+        wait_for(lambda: srv.log().count("loraplex.http.app: worker") == 3, message="the worker replaced")
         assert len(children(srv.proc.pid)) == 3
         assert "exited with code -9; starting another" in srv.log()
         replaced = connections_to_each(srv, 2, 1)

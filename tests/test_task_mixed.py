@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from loraplex.adapters.peft import parse_adapter
-from loraplex.engine import Engine
-from loraplex.inputs import encode
+from loraplex.engine.core import Engine
+from loraplex.http.inputs import encode
 from tests.peft_factory import tokenizer
 from tests.task_support import peft_model, save_task_adapter
 

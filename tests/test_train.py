@@ -15,7 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from loraplex.adapters.train import (
+from loraplex.client import Client
+from loraplex.train.trainer import (
     Examples,
     classification_metrics,
     default_batch_size,
@@ -24,7 +25,6 @@ from loraplex.adapters.train import (
     split_examples,
     weak_result,
 )
-from loraplex.client import Client
 from tests.live_server import LiveServer
 from tests.peft_factory import peft_logits
 

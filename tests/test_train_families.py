@@ -19,9 +19,9 @@ from transformers import (
     XLMRobertaConfig,
 )
 
-from loraplex.adapters.train import main
-from loraplex.engine import Engine
-from loraplex.models import family_for, head_modules
+from loraplex.engine.core import Engine
+from loraplex.engine.models import family_for, head_modules
+from loraplex.train.trainer import main
 from tests.family_support import TEXTS, TOLERANCE, load_adapter, save_model, tiny_config_kwargs
 from tests.peft_factory import peft_logits, tokenizer
 

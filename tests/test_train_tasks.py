@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from loraplex.adapters.train import main
-from loraplex.engine import Engine
-from loraplex.inputs import encode
+from loraplex.engine.core import Engine
+from loraplex.http.inputs import encode
+from loraplex.train.trainer import main
 from tests.family_support import load_adapter
 from tests.peft_factory import tokenizer
 from tests.task_support import peft_model

@@ -23,8 +23,9 @@ from safetensors.torch import save as save_bytes
 from loraplex.adapters.errors import LoraplexError
 from loraplex.adapters.registry import Registry
 from loraplex.adapters.store import DirectoryStore
-from loraplex.adapters.validate import load_stored, parse_labels, validate_upload
-from loraplex.engine import Engine
+from loraplex.adapters.upload import parse_labels
+from loraplex.adapters.validate import load_stored, validate_upload
+from loraplex.engine.core import Engine
 from tests.lifecycle_support import TEXTS, AdapterFactory, PeftReference
 
 MAX_UPLOAD = 1_000_000  # the HTTP test starts its server with this --max-upload-bytes

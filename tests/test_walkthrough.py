@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from loraplex.adapters.train import parse_args as train_args
 from loraplex.client_cli import parse_args as client_args
+from loraplex.train.trainer import parse_args as train_args
 from tests.live_server import REPO, LiveServer
 
 SECTION = "## Ten minutes with loraplex"

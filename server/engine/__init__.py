@@ -1,0 +1,1 @@
+"""The engine process: device, batcher, multi-LoRA model, heads and model families."""

@@ -1,0 +1,1 @@
+"""The front end: what an HTTP worker process runs (routes, schemas, tokenization, post-processing)."""

@@ -1,0 +1,121 @@
+"""Per-request plumbing around every route: admission, body limit, in-flight count, request metrics.
+
+- Admission: while the model loads or the server drains, work routes answer 503 at once.
+- Body limit: a declared Content-Length over the limit gets 413 before any of the body is read; a body
+  without one (chunked) is counted as it arrives and cut off at the limit.
+- In-flight count: the drain on SIGTERM waits for it to reach zero.
+"""
+
+from __future__ import annotations
+
+import time
+
+from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from loraplex.adapters.errors import PayloadTooLargeError, UnavailableError
+from loraplex.http.errors import response_for
+from loraplex.metrics import method_label
+
+# Routes that never queue work: open during loading and draining, not counted as in flight.
+OPS_PATHS = frozenset({"/health", "/ready", "/metrics", "/docs", "/redoc", "/openapi.json"})
+OPS_PREFIX = "/docs/"  # the docs' assets and OAuth redirect page
+# The route label of a request refused while the server is not ready (loading, draining, failed).
+NOT_READY = "not_ready"
+
+_REFUSED = {
+    "loading": "The model is still loading; retry when /ready answers 200.",
+    "draining": "The server is shutting down; retry on another replica.",
+    "failed": "The server failed to start; see its log.",
+}
+
+
+class ServingMiddleware:
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = scope["app"].state
+        started = time.perf_counter()
+        status = 500  # what an exception that escapes every handler becomes
+        replica = state.settings.replica_id.encode()
+        worker = state.worker_header
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                # Which replica and which of its HTTP workers answered, for operators behind a load balancer.
+                message["headers"] = [
+                    *message.get("headers", ()),
+                    (b"x-loraplex-replica", replica),
+                    (b"x-loraplex-worker", worker),
+                ]
+            await send(message)
+
+        path = scope["path"]
+        tracked = path not in OPS_PATHS and not path.startswith(OPS_PREFIX)
+        label = None  # the matched route's template once routed; NOT_READY for a refusal while not ready
+        try:
+            if not tracked:
+                await self.app(scope, receive, send_status)
+                return
+            refusal = self._refusal(state, scope)
+            if refusal is not None:
+                if state.phase != "ready":
+                    label = NOT_READY
+                await response_for(refusal)(scope, receive, send_status)
+                return
+            state.inflight += 1
+            state.metrics.in_flight.inc()
+            try:
+                await self.app(scope, _limited(receive, state.settings.body_limit(path)), send_status)
+            finally:
+                state.inflight -= 1
+                state.metrics.in_flight.dec()
+        finally:
+            if label is None:
+                label = _route_label(scope)
+            state.metrics.requests.labels(label, method_label(scope["method"]), str(status)).inc()
+            state.metrics.request_seconds.labels(label).observe(time.perf_counter() - started)
+
+    @staticmethod
+    def _refusal(state, scope: Scope) -> Exception | None:
+        if state.phase != "ready":
+            return UnavailableError(_REFUSED[state.phase], retry_after=1)
+        limit = state.settings.body_limit(scope["path"])
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                return _too_large(limit)
+        return None
+
+
+def _route_label(scope: Scope) -> str:
+    """The template of the route that answered: FastAPI's routes put themselves in the scope; a plain
+    Starlette route (the OpenAPI document) is found by matching; "unmatched" when none matches."""
+    route = scope.get("route")
+    if route is None and "app" in scope:
+        route = next((r for r in scope["app"].router.routes if r.matches(scope)[0] is Match.FULL), None)
+    return getattr(route, "path", None) or "unmatched"
+
+
+def _limited(receive: Receive, limit: int) -> Receive:
+    received = 0
+
+    async def receive_within_limit() -> Message:
+        nonlocal received
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise _too_large(limit)
+        return message
+
+    return receive_within_limit
+
+
+def _too_large(limit: int) -> PayloadTooLargeError:
+    return PayloadTooLargeError(f"The request body is larger than the limit of {limit} bytes.")

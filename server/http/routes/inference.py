@@ -1,0 +1,226 @@
+"""What every inference route does around its own fields: parse the body, tokenize, send the rows to the
+engine process, wait (bounded by request_timeout_s, dropped when the client leaves), and answer with the
+timing headers.
+
+    body = parse_body(await read_body(request), request.headers.get("content-type"), EmbedRequest)
+    run = await infer(request, body.adapter_id, "/embed", lambda: encode(...))
+    return respond(request, run, {"results": ...}, len(texts))
+
+Tokenizing runs on the worker's event loop: with one request's few texts it costs less than a hop to a
+thread, and other workers' processes take the load in parallel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import orjson
+from fastapi import Request, Response
+from pydantic import BaseModel, ValidationError
+
+from loraplex import ipc
+from loraplex.adapters.errors import (
+    BadRequestError,
+    InvalidInputError,
+    UnavailableError,
+    UnsupportedMediaError,
+)
+from loraplex.http.errors import describe_validation, error_response
+
+
+@dataclass(frozen=True)
+class AdapterView:
+    """The adapter version that the engine process resolved and ran for one request."""
+
+    adapter_id: str | None  # None: the base model itself
+    version: str
+    labels: tuple[str, ...]
+    task: str
+    problem_type: str | None
+    metric_label: str  # the adapter's label in the metrics (bounded: past the limit, "other")
+
+
+@dataclass
+class Run:
+    handle: AdapterView | None  # None when `early` answers instead
+    rows: list  # what was queued, one per engine row
+    outputs: list[np.ndarray]  # per row, what its adapter's task computes (float32)
+    started: float
+    tokenize_seconds: float
+    queue_seconds: float = 0.0
+    inference_seconds: float = 0.0
+    early: Response | None = None
+
+
+def parse_body(raw: bytes, content_type: str | None, model: type[BaseModel]):
+    """The body as `model`; 415 for non-JSON, 400 for malformed JSON, 422 for wrong fields."""
+    media_type = (content_type or "application/json").split(";")[0].strip().lower()
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        raise UnsupportedMediaError(f"Send the body as application/json, not {media_type[:80]}.")
+    if not raw.strip():
+        raise BadRequestError(
+            'The request body is empty; send a JSON object like {"adapter_id": ..., "inputs": ...}.'
+        )
+    try:
+        data = json.loads(raw, parse_constant=_reject_constant)
+    except UnicodeDecodeError:
+        raise BadRequestError("The request body is not valid UTF-8.") from None
+    except json.JSONDecodeError as exc:
+        raise BadRequestError(
+            f"The request body is not valid JSON: {exc.msg} at character {exc.pos}."
+        ) from None
+    except ValueError as exc:
+        raise BadRequestError(f"The request body is not valid JSON: {exc}.") from None
+    except RecursionError:
+        raise BadRequestError("The request body nests JSON too deeply.") from None
+    if not isinstance(data, dict):
+        raise InvalidInputError(
+            'The request body must be a JSON object like {"adapter_id": ..., "inputs": ...}.'
+        )
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidInputError(describe_validation(exc.errors())) from None
+
+
+def check_batch(request: Request, count: int, adapter_id: str | None, what: str = "texts") -> None:
+    """At most max_client_batch inputs; an X-Adapter-Id header names the body's adapter."""
+    limit = request.app.state.settings.max_client_batch
+    if count > limit:
+        raise InvalidInputError(f"inputs has {count} {what}; send at most {limit} per request.")
+    routed = request.headers.get("x-adapter-id")
+    if routed is not None and routed != (adapter_id or ""):
+        raise InvalidInputError(
+            "The X-Adapter-Id header names a different adapter than adapter_id in the body."
+        )
+
+
+async def read_body(request: Request) -> bytes:
+    """The request body, read under the request's deadline (request_timeout_s from now, which `infer`
+    keeps): a client that sends its body slowly gets a 400 instead of holding the server (and its drain)."""
+    timeout = request.app.state.settings.request_timeout_s
+    request.state.deadline = asyncio.get_running_loop().time() + timeout
+    try:
+        async with asyncio.timeout_at(request.state.deadline):
+            return await request.body()
+    except TimeoutError:
+        raise BadRequestError(
+            f"The request body did not arrive within {timeout:g} s (request_timeout_s); send it at once."
+        ) from None
+
+
+async def infer(
+    request: Request,
+    adapter_id: str | None,
+    route: str,
+    tokenize: Callable[[], list],
+    *,
+    top_k: int | None = None,
+) -> Run:
+    """Tokenize, queue the rows in the engine process for `adapter_id` (None: the base model) and wait
+    for them. The engine checks that the adapter serves `route` (and has `top_k` labels) before queueing."""
+    started = time.perf_counter()
+    state = request.app.state
+    settings = state.settings
+    loop = asyncio.get_running_loop()
+    deadline = getattr(request.state, "deadline", None) or loop.time() + settings.request_timeout_s
+    try:
+        if top_k is not None and top_k > settings.max_labels:
+            raise InvalidInputError(
+                f"top_k is {top_k}, but adapters here have at most {settings.max_labels} labels; send 1..the "
+                "adapter's label count."
+            )
+        rows = tokenize()
+    except InvalidInputError:
+        # What is wrong with the adapter (missing, of another task) is said first, as if it had been
+        # looked up before the inputs: only this error path asks the engine process for it.
+        await state.client.call("check", adapter_id, route)
+        raise
+    tokenize_seconds = time.perf_counter() - started
+    state.metrics.tokenize_seconds.observe(tokenize_seconds)
+    packed = [[list(row), row.type_start] for row in rows]
+    request_id, answer = state.client.send("infer", adapter_id, route, top_k, packed)
+    outcome = await _wait(state.client, request_id, answer, request, deadline - loop.time())
+    if outcome == "disconnect":
+        # Nobody reads this; the status shows up in the request metrics as the client's doing.
+        early = error_response(499, "bad_request", "The client disconnected before the results were ready.")
+        return Run(None, rows, [], started, tokenize_seconds, early=early)
+    if outcome == "timeout":
+        raise _timed_out(settings.request_timeout_s)
+    result = answer.result()
+    adapter = result["adapter"]
+    handle = AdapterView(**{**adapter, "labels": tuple(adapter["labels"])})
+    outputs = [ipc.unpack_array(packed) for packed in result["outputs"]]
+    return Run(handle, rows, outputs, started, tokenize_seconds, result["queue_s"], result["inference_s"])
+
+
+def respond(request: Request, run: Run, fields: dict, inputs: int) -> Response:
+    """200 with `adapter_id`, `adapter_version` and `fields`, the timing headers, the input count metric."""
+    handle = run.handle
+    body = {"adapter_id": handle.adapter_id, "adapter_version": handle.version, **fields}
+    content = orjson.dumps(body)
+    request.app.state.metrics.inputs.labels(handle.metric_label).inc(inputs)
+    headers = {
+        "x-tokenization-time": _ms(run.tokenize_seconds),
+        "x-queue-time": _ms(run.queue_seconds),
+        "x-inference-time": _ms(run.inference_seconds),
+        "x-total-time": _ms(time.perf_counter() - run.started),
+    }
+    return Response(content, media_type="application/json", headers=headers)
+
+
+def body_schema(model: type[BaseModel]) -> dict:
+    """openapi_extra for a route that reads its body itself (better messages than FastAPI's)."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": model.model_json_schema()}},
+        }
+    }
+
+
+async def _wait(client, request_id: int, answer: asyncio.Future, request: Request, timeout: float) -> str:
+    """Wait for the answer unless the client leaves or time runs out: "done", "disconnect" or "timeout"."""
+    watcher = asyncio.ensure_future(_disconnected(request))
+    outcome = "cancelled"
+    try:
+        done, _ = await asyncio.wait(
+            (answer, watcher), timeout=max(timeout, 0), return_when="FIRST_COMPLETED"
+        )
+        if answer in done:
+            answer.result()  # a failed request raises its error here
+            outcome = "done"
+        else:
+            outcome = "disconnect" if watcher in done else "timeout"
+    finally:
+        watcher.cancel()
+        if not answer.done():
+            client.cancel(request_id, outcome)
+    return outcome
+
+
+async def _disconnected(request: Request) -> None:
+    # The body is read, so the next ASGI message can only be the client going away.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _timed_out(seconds: float) -> UnavailableError:
+    return UnavailableError(
+        f"The request did not finish within {seconds:g} s (request_timeout_s) and was dropped; "
+        "retry later or send fewer inputs.",
+        retry_after=1,
+    )
+
+
+def _ms(seconds: float) -> str:
+    return str(round(seconds * 1000))
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON value")

@@ -1,0 +1,1 @@
+"""Training a PEFT LoRA adapter of any task (`loraplex train`)."""
