@@ -44,6 +44,10 @@ def error_payload(exc: errors.LoraplexError) -> list:
     return [type(exc).__name__, exc.message, getattr(exc, "retry_after", None)]
 
 
+# What a worker is told when the engine process failed on a request in a way no LoraplexError describes.
+SERVER_FAULT = ["UnavailableError", "The server could not handle this request; retry later.", 1]
+
+
 def raise_error(payload: list) -> None:
     """Raise the typed error that the engine process raised (a LoraplexError of the same class)."""
     name, message, retry_after = payload

@@ -246,7 +246,9 @@ def test_payload_too_large_and_unsupported_media(client, adapters):
 def test_bad_request_answer_maps_to_bad_request_error(srv):
     # The client always sends valid JSON, so send a malformed body by hand and map the server's answer.
     headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
-    response = httpx.post(srv.url + "/classify", content=b'{"adapter_id": "x", "inputs": [', headers=headers)
+    response = httpx.post(
+        srv.url + "/classify", content=b'{"adapter_id": "x", "inputs": [', headers=headers, timeout=60
+    )
     err = error_from_response(response)
     assert type(err) is BadRequestError and err.status == 400 and "JSON" in err.message
 
@@ -398,7 +400,7 @@ def test_unavailable_while_draining(srv, client, adapters):
     worker = threading.Thread(target=lambda: slow.update(answer=client.classify("drain", [SLOW] * 16)))
     worker.start()
     deadline = time.monotonic() + 30
-    while "loraplex_queue_depth 0.0" in httpx.get(srv.url + "/metrics").text:
+    while "loraplex_queue_depth 0.0" in httpx.get(srv.url + "/metrics", timeout=60).text:
         assert time.monotonic() < deadline and worker.is_alive(), "the slow request never queued"
         time.sleep(0.01)
     srv.signal()  # SIGTERM: requests already accepted finish, new ones are refused

@@ -65,7 +65,10 @@ def test_served_model_refuses_the_embedded_models_adapter(models):
 def test_upload_of_a_foreign_adapter_is_a_422_naming_both(models, tmp_path):
     config = json.loads((models["tiny-bert"] / "adapter_config.json").read_text())
     assert load_file(models["tiny-bert"] / "adapter_model.safetensors")  # a real PEFT file
-    with LiveServer("--adapter-store", str(tmp_path)) as server, httpx.Client(base_url=server.url) as client:
+    with (
+        LiveServer("--adapter-store", str(tmp_path)) as server,
+        httpx.Client(base_url=server.url, timeout=60) as client,
+    ):
         response = upload(client, "foreign", models["tiny-bert"])
         listed = client.get("/adapters").json()
     assert response.status_code == 422, response.text

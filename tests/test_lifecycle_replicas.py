@@ -44,7 +44,7 @@ def replicas(store_dir):
         thread.join()
     try:
         for srv in servers:
-            assert httpx.get(srv.url + "/ready").status_code == 200, srv.log()
+            assert httpx.get(srv.url + "/ready", timeout=60).status_code == 200, srv.log()
         yield servers
     finally:
         for srv in servers:

@@ -85,21 +85,23 @@ def test_api_key_and_admin_token_both_allow_inference_and_reads(srv):
     for token in (API_KEY, ADMIN_TOKEN):
         headers = {"authorization": f"Bearer {token}"}
         assert classify(srv, "hello", headers=headers).status_code == 200
-        assert httpx.get(srv.url + "/adapters", headers=headers).status_code == 200
-    assert httpx.get(srv.url + "/adapters").status_code == 401
+        assert httpx.get(srv.url + "/adapters", headers=headers, timeout=60).status_code == 200
+    assert httpx.get(srv.url + "/adapters", timeout=60).status_code == 401
 
 
 def test_adapter_writes_need_the_admin_token(srv):
     for headers in ({}, AUTH):
-        assert httpx.delete(srv.url + "/adapters/topic", headers=headers).status_code == 401
-        assert httpx.put(srv.url + "/adapters/topic", headers=headers).status_code == 401
+        assert httpx.delete(srv.url + "/adapters/topic", headers=headers, timeout=60).status_code == 401
+        assert httpx.put(srv.url + "/adapters/topic", headers=headers, timeout=60).status_code == 401
     admin = {"authorization": f"Bearer {ADMIN_TOKEN}"}
-    assert httpx.delete(srv.url + "/adapters/not-there", headers=admin).status_code == 404  # past auth
+    assert (
+        httpx.delete(srv.url + "/adapters/not-there", headers=admin, timeout=60).status_code == 404
+    )  # past auth
 
 
 def test_operations_routes_stay_open(srv):
     for path in ("/health", "/ready", "/metrics"):
-        assert httpx.get(srv.url + path).status_code == 200
+        assert httpx.get(srv.url + path, timeout=60).status_code == 200
 
 
 def test_tokens_never_reach_the_log(srv):
@@ -217,8 +219,8 @@ def test_sigterm_drains_accepted_requests_then_exits_0(srv, control):
     wait_for(lambda: depth(srv) + control.entered()[1] - entered_before == 16)
 
     srv.signal(signal.SIGTERM)
-    wait_for(lambda: httpx.get(srv.url + "/ready").status_code == 503, timeout=30)
-    assert httpx.get(srv.url + "/ready").json()["error_type"] == "unavailable"
+    wait_for(lambda: httpx.get(srv.url + "/ready", timeout=60).status_code == 503, timeout=30)
+    assert httpx.get(srv.url + "/ready", timeout=60).json()["error_type"] == "unavailable"
     late = classify(srv, "hello")  # not accepted: refused at once, not queued behind the drain
     assert late.status_code == 503 and late.json()["error_type"] == "unavailable"
     assert srv.proc.poll() is None and not any(f.done() for f in accepted)  # the drain waits for them

@@ -142,5 +142,7 @@ def test_bad_input_is_a_4xx_in_the_contract_shape(srv, body, status, words):
 
 def test_nan_threshold_is_a_400(srv):
     raw = b'{"adapter_id": "nli", "inputs": "a", "threshold": NaN}'
-    response = httpx.post(srv.url + "/classify", content=raw, headers={"content-type": "application/json"})
+    response = httpx.post(
+        srv.url + "/classify", content=raw, headers={"content-type": "application/json"}, timeout=60
+    )
     assert response.status_code == 400 and response.json()["error_type"] == "bad_request"

@@ -237,7 +237,9 @@ def test_a_token_adapter_on_classify_is_sent_to_tokens(srv):
 
 
 def test_not_json_is_refused(srv):
-    response = httpx.post(srv.url + "/tokens", content=b"{", headers={"content-type": "application/json"})
+    response = httpx.post(
+        srv.url + "/tokens", content=b"{", headers={"content-type": "application/json"}, timeout=60
+    )
     assert response.status_code == 400 and response.json()["error_type"] == "bad_request"
 
 

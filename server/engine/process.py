@@ -243,8 +243,7 @@ class _EngineProcess:
             payload, ok = ipc.error_payload(exc), False
         except Exception as exc:  # never leave a worker waiting: an unexpected fault is the server's
             log.error("request %s failed", handler.__name__, exc_info=exc)
-            payload = ["UnavailableError", "The server could not handle this request; retry later.", 1]
-            ok = False
+            payload, ok = ipc.SERVER_FAULT, False
         finally:
             self.pending.pop(key, None)
             self.jobs.pop(key, None)
@@ -280,7 +279,7 @@ class _EngineProcess:
             answer = [key[1], False, ipc.error_payload(exc)]
         else:
             log.error("request failed", exc_info=exc)
-            answer = [key[1], False, ["UnavailableError", "The server could not handle this request.", 1]]
+            answer = [key[1], False, ipc.SERVER_FAULT]
         self._send(key[0], answer)
 
     async def _infer(self, key, adapter_id: str | None, route: str, top_k: int | None, rows: list) -> dict:

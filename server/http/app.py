@@ -19,6 +19,7 @@ from fastapi import FastAPI
 
 from loraplex.http.engine_client import EngineClient
 from loraplex.http.errors import install_error_handlers
+from loraplex.http.lean import LeanApp
 from loraplex.http.middleware import ServingMiddleware
 from loraplex.http.openapi import install_openapi
 from loraplex.http.routes import adapters, answer, classify, docs, embed, health, rerank, tokens
@@ -52,7 +53,7 @@ class Base:
 
 def create_app(settings: Settings, link: EngineLink | None = None) -> FastAPI:
     """The worker app for `settings`, talking to the engine process at `link` (None: never ready)."""
-    app = FastAPI(
+    app = LeanApp(
         title="loraplex",
         summary="One frozen BERT, many LoRA classification adapters, one forward pass.",
         lifespan=_lifespan,
@@ -71,14 +72,8 @@ def create_app(settings: Settings, link: EngineLink | None = None) -> FastAPI:
     app.state.worker_header = identity.split("-", 1)[0].removeprefix("w").encode()
     install_error_handlers(app)
     app.add_middleware(ServingMiddleware)
-    app.include_router(health.router)
-    app.include_router(classify.router)
-    app.include_router(embed.router)
-    app.include_router(rerank.router)
-    app.include_router(answer.router)
-    app.include_router(tokens.router)
-    app.include_router(adapters.router)
-    app.include_router(docs.router)
+    for router in (health, classify, embed, rerank, answer, tokens, adapters, docs):
+        app.include_lean(router.router)
     install_openapi(app, max_client_batch=settings.max_client_batch)
     return app
 

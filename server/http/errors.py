@@ -94,6 +94,8 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
     return error_response(exc.status_code, error_type, str(exc.detail), headers)
 
 
+INTERNAL = "Internal server error; the server log has the details."
+
 _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
@@ -109,7 +111,7 @@ def allowed_methods(request: Request) -> list[str]:
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
     # Starlette re-raises after this response, so the server log gets the traceback once.
-    return error_response(500, "internal", "Internal server error; the server log has the details.")
+    return error_response(500, "internal", INTERNAL)
 
 
 def install_error_handlers(app: FastAPI) -> None:
