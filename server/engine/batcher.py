@@ -141,6 +141,7 @@ class Batcher:
         self._queue: deque[Entry] = deque()  # oldest first; entries that are no longer live are skipped
         self._depth = 0  # live entries in the queue
         self._stopping = False
+        self.shutdown_dropped = 0  # queued inputs that a shutdown dropped (the drain's own count)
         self._rows_per_s = 0.0  # moving average of engine throughput, for Retry-After
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = thread or EngineThread()
@@ -154,8 +155,9 @@ class Batcher:
         self._loop = asyncio.get_running_loop()
         self._worker = self._thread.submit(self._run)
 
-    async def stop(self, timeout: float = 30.0) -> None:
-        """Finish the running batch, fail whatever is still queued, and join the worker."""
+    async def stop(self, timeout: float = 30.0) -> int:
+        """Finish the running batch, fail whatever is still queued, and join the worker. Returns the
+        inputs that a shutdown dropped (cancelled by draining workers, or still queued now)."""
         with self._cond:
             self._stopping = True
             dropped = [entry for entry in self._queue if entry.live]
@@ -167,12 +169,14 @@ class Batcher:
         jobs = {entry.job for entry in dropped}
         if dropped:
             self._metrics.dropped.labels("shutdown").inc(len(dropped))
+            self.shutdown_dropped += len(dropped)
         for job in jobs:
             job.closed = True
             _fail(job, UnavailableError("The server is shutting down; retry on another replica.", 1))
         if self._worker is not None:
             await asyncio.to_thread(concurrent.futures.wait, [self._worker], timeout)
         self._thread.close()
+        return self.shutdown_dropped
 
     def submit(self, token_ids: list[list[int]], handle) -> Job:
         """Queue one entry per input, all or none; raises OverloadedError past `max_queued`."""
@@ -201,6 +205,8 @@ class Batcher:
         job.future.cancel()
         if dropped:
             self._metrics.dropped.labels(reason).inc(dropped)
+            if reason == "shutdown":
+                self.shutdown_dropped += dropped
 
     def _drop(self, job: Job) -> int:
         """Close the job: its queued entries are no longer live (skipped later, not searched for now)."""

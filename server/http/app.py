@@ -67,6 +67,7 @@ def create_app(settings: Settings, link: EngineLink | None = None) -> FastAPI:
     app.state.failure = None  # the exception that stopped start-up
     app.state.inflight = 0  # requests on work routes, for the drain
     app.state.client = app.state.base = None
+    app.state.starting = None  # the task that connects to the engine process and loads the tokenizer
     # The worker's index (identity "w<index>-<pid>"), in the X-Loraplex-Worker header of every answer.
     identity = link.identity if link and link.identity else "w0"
     app.state.worker_header = identity.split("-", 1)[0].removeprefix("w").encode()
@@ -80,7 +81,7 @@ def create_app(settings: Settings, link: EngineLink | None = None) -> FastAPI:
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI):
-    starting = asyncio.create_task(_start(app))
+    starting = app.state.starting = asyncio.create_task(_start(app))
     link: EngineLink | None = app.state.link
     if link is not None and not link.serve_while_loading:
         await asyncio.shield(starting)  # uvicorn takes connections only after the lifespan starts

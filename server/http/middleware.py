@@ -1,6 +1,7 @@
 """Per-request plumbing around every route: admission, body limit, in-flight count, request metrics.
 
-- Admission: while the model loads or the server drains, work routes answer 503 at once.
+- Admission: while the model loads or the server drains, work routes answer 503 at once (a worker whose
+  engine process is already warm waits for its own start instead).
 - Body limit: a declared Content-Length over the limit gets 413 before any of the body is read; a body
   without one (chunked) is counted as it arrives and cut off at the limit.
 - In-flight count: the drain on SIGTERM waits for it to reach zero.
@@ -8,6 +9,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import time
 
 from starlette.routing import Match
@@ -63,6 +66,8 @@ class ServingMiddleware:
             if not tracked:
                 await self.app(scope, receive, send_status)
                 return
+            if state.phase == "loading":
+                await _settle(state)
             refusal = self._refusal(state, scope)
             if refusal is not None:
                 if state.phase != "ready":
@@ -91,6 +96,18 @@ class ServingMiddleware:
             if name == b"content-length" and value.isdigit() and int(value) > limit:
                 return _too_large(limit)
         return None
+
+
+async def _settle(state) -> None:
+    """Worker 0 takes connections while the server loads, and its own start (the engine's answer to its
+    hello, its tokenizer) may end a moment after another worker's, whose /ready already says 200. Once
+    the engine process is warm (it binds its socket only then), a work request waits for this worker's
+    start instead of getting "loading"; before that, it is refused at once."""
+    starting = getattr(state, "starting", None)
+    address = state.link.address if state.link is not None else ""
+    if starting is None or not address.startswith("ipc://") or not os.path.exists(address[6:]):
+        return
+    await asyncio.wait((starting,), timeout=state.settings.request_timeout_s)
 
 
 def _route_label(scope: Scope) -> str:
