@@ -22,7 +22,8 @@ IMAGE=${IMAGE:-loraplex:check}
 READY_TIMEOUT=${READY_TIMEOUT:-300}
 STOP_TIMEOUT=${STOP_TIMEOUT:-60}
 ADAPTER_DIR=adapters/demo/tweet-sentiment
-TOKEN="check-$$-$RANDOM"
+TOKEN=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')    # the server refuses tokens under 32 characters
+API_KEY=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')
 NAME="loraplex-check-$$"
 
 say() { printf 'check: %s\n' "$*"; }
@@ -54,7 +55,8 @@ say "built in ${build_s} s; image size $((size / 1000000)) MB"
 
 # A published port on the loopback interface only; the host picks a free one.
 start=$(now)
-"$DOCKER" run -d --name "$NAME" -p 127.0.0.1::8000 -e LORAPLEX_ADMIN_TOKEN="$TOKEN" "$IMAGE" >/dev/null \
+"$DOCKER" run -d --name "$NAME" -p 127.0.0.1::8000 -e LORAPLEX_ADMIN_TOKEN="$TOKEN" -e LORAPLEX_API_KEY="$API_KEY" \
+    "$IMAGE" >/dev/null \
     || fail "docker run"
 hostport=$("$DOCKER" port "$NAME" 8000/tcp | head -n 1)
 [ -n "$hostport" ] || fail "the container publishes no port for 8000"
@@ -84,6 +86,7 @@ rm -f /tmp/"$NAME"-put.json
 say "uploaded $ADAPTER_DIR as check-sentiment (201)"
 
 reply=$(curl -s -w '\n%{http_code}' -X POST "$base/classify" -H 'Content-Type: application/json' \
+    -H "Authorization: Bearer $API_KEY" \
     -d '{"adapter_id": "check-sentiment", "inputs": ["I love this, best day ever!", "This is awful and I hate it."]}')
 code=${reply##*$'\n'}
 body=${reply%$'\n'*}

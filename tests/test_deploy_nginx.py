@@ -30,8 +30,8 @@ pytestmark = pytest.mark.skipif(
     reason="nginx is not installed (.ci/run installs nginx-light)",
 )
 
-ADMIN = "admin-token-for-tests"
-API_KEY = "api-key-for-tests"
+ADMIN = "admin-token-for-tests-3f9c1b7e5d2a8064"
+API_KEY = "api-key-for-tests-8e1d4c7b2a9f6035e1"
 STALENESS_S = 1.0
 TEXTS = ["the service was wonderful", "terrible, never again", "it was fine I guess"]
 

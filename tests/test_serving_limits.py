@@ -22,8 +22,8 @@ from tests.live_server import LiveServer
 from tests.paced_engine import EngineControl
 from tests.serving_support import LONG_TEXT, TEXTS, metrics, preload_args, reference, sample, scores_of
 
-API_KEY = "key-3b9f0c51e2d84a7f"
-ADMIN_TOKEN = "admin-c7d1a2e9f05b4368"
+API_KEY = "key-3b9f0c51e2d84a7f6c0d9e8b1a2f3c4d"
+ADMIN_TOKEN = "admin-c7d1a2e9f05b4368a1e7c3d9b0f2"
 AUTH = {"authorization": f"Bearer {API_KEY}"}
 MEDIUM_TEXT = " ".join(TEXTS * 3)  # a couple of hundred tokens
 

@@ -82,7 +82,7 @@ class _EngineProcess:
         self.settings = settings
         self.engine_factory = engine_factory
         self.address = address
-        self.metrics = Metrics(settings.metrics_max_adapters)
+        self.metrics = Metrics(settings.metrics_adapter_limit)
         self.pending: dict[tuple[bytes, int], asyncio.Task] = {}  # (worker, request id) -> its task
         self.jobs: dict[tuple[bytes, int], object] = {}  # ... -> its queued Job, once submitted
         self.stopping = asyncio.Event()

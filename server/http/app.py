@@ -62,7 +62,7 @@ def create_app(settings: Settings, link: EngineLink | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.link = link
-    app.state.metrics = Metrics(settings.metrics_max_adapters)
+    app.state.metrics = Metrics(settings.metrics_adapter_limit)
     app.state.phase = "loading"
     app.state.failure = None  # the exception that stopped start-up
     app.state.inflight = 0  # requests on work routes, for the drain

@@ -314,6 +314,12 @@ class Status(BaseModel):
     status: str
 
 
+class Health(Status):
+    anonymous_inference: bool = Field(
+        description="true when inference and adapter reads need no token (no API key is configured)"
+    )
+
+
 _ERRORS = {
     400: ("malformed body", "The request body is not valid JSON: Expecting value at character 0."),
     401: ("missing or wrong bearer token", "this route needs an 'Authorization: Bearer <token>' header."),
