@@ -360,19 +360,31 @@ class S3Store(AdapterStore):
             token = page["NextContinuationToken"]
 
     def _get_bytes(self, key: str) -> bytes:
-        return self._call("get_object", Bucket=self.bucket, Key=key)["Body"].read()
+        return self._call("get_object", Bucket=self.bucket, Key=key, max_body=self.max_file_bytes)[
+            "Body"
+        ].read()
 
     # --- errors ------------------------------------------------------------------------------------
 
-    def _call(self, operation: str, **kwargs: Any) -> Any:
-        """One S3 request; store failures become typed errors the HTTP layer can answer."""
+    def _call(self, operation: str, *, max_body: int | None = None, **kwargs: Any) -> Any:
+        """One S3 request; store failures become typed errors the HTTP layer can answer. A body is read
+        no further than `max_body` + 1 bytes: ValueError past that."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             response = getattr(self.client, operation)(**kwargs)
             if "Body" in response:
                 # The body streams after the call returns; read it here so that its failures are mapped too.
-                response["Body"] = _ReadBody(response["Body"].read())
+                body = response["Body"]
+                try:
+                    data = body.read() if max_body is None else body.read(max_body + 1)
+                finally:
+                    body.close()
+                if max_body is not None and len(data) > max_body:
+                    raise ValueError(
+                        f"{kwargs.get('Key', 'an object')} is over the limit of {max_body} bytes"
+                    )
+                response["Body"] = _ReadBody(data)
             return response
         except ClientError as exc:
             error = exc.response.get("Error", {})

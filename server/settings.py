@@ -72,7 +72,14 @@ class Settings(BaseSettings):
     max_queued: int = Field(1024, ge=1, description="inputs waiting for the engine; beyond it: 429")
     max_client_batch: int = Field(32, ge=1, description="most inputs in one /classify request")
     max_body_bytes: int = Field(2 * 1024 * 1024, ge=1, description="largest /classify request body")
-    max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1, description="largest adapter upload body")
+    max_upload_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1,
+        description="largest adapter upload body, and largest stored or preloaded file",
+    )
+    max_concurrent_uploads: int = Field(
+        2, ge=1, description="adapter uploads one HTTP worker takes at once; beyond it: 429 with Retry-After"
+    )
     request_timeout_s: float = Field(30.0, gt=0, description="a /classify request not done by then: 503")
     staleness_s: float = Field(
         2.0, ge=0, description="how stale this replica's view of the shared store may be"

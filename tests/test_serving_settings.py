@@ -40,6 +40,7 @@ VALUES = {
     "max_client_batch": ("10", 10),
     "max_body_bytes": ("1000", 1000),
     "max_upload_bytes": ("5000", 5000),
+    "max_concurrent_uploads": ("5", 5),
     "request_timeout_s": ("1.5", 1.5),
     "staleness_s": ("0", 0.0),
     "drain_grace_s": ("3", 3.0),
@@ -280,3 +281,21 @@ def test_not_ready_while_loading_and_a_bad_preload_exits_2():
     assert proc.returncode == 2, stderr
     assert f"start-up failed: --preload broken={folder}: " in stderr
     assert "Traceback" not in stderr
+
+
+def test_a_preload_larger_than_an_upload_may_be_stops_the_start():
+    """--max-upload-bytes bounds preloaded weights as it bounds uploads: the same adapter is refused."""
+    from tests.peft_factory import save_peft_adapter
+
+    folder = save_peft_adapter(Path(tempfile.mkdtemp(prefix="loraplex-big-")) / "a", seed=5)
+    size = (folder / "adapter_model.safetensors").stat().st_size
+    store = tempfile.mkdtemp(prefix="loraplex-settings-store-")
+    result = subprocess.run(
+        [sys.executable, "-m", "loraplex", "serve", "--port", str(free_port()), "--adapter-store", store,
+         "--max-upload-bytes", str(size - 1), "--preload", f"big={folder}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert f"start-up failed: --preload big={folder}: " in result.stderr
+    assert f"over the limit of {size - 1} bytes" in result.stderr
+    assert not any(Path(store).glob("adapters/big/*"))  # nothing was stored

@@ -166,7 +166,8 @@ class _EngineProcess:
                 max_rank=s.max_rank,
                 max_labels=s.max_labels,
             )
-            store = await asyncio.to_thread(open_store, s.adapter_store)
+            # What the store holds is read no larger than an upload may be: a foreign object is refused.
+            store = await asyncio.to_thread(open_store, s.adapter_store, s.max_upload_bytes)
             registry = Registry(
                 store,
                 engine,
@@ -174,6 +175,7 @@ class _EngineProcess:
                 staleness_s=s.staleness_s,
                 max_rank=s.max_rank,
                 max_labels=s.max_labels,
+                max_model_bytes=s.max_upload_bytes,
             )
             for adapter_id, folder in s.preload_items():
                 try:

@@ -66,6 +66,7 @@ def create_app(settings: Settings, link: EngineLink | None = None) -> FastAPI:
     app.state.phase = "loading"
     app.state.failure = None  # the exception that stopped start-up
     app.state.inflight = 0  # requests on work routes, for the drain
+    app.state.uploads = 0  # adapter uploads in progress (bounded by max_concurrent_uploads)
     app.state.client = app.state.base = None
     # The worker's index (identity "w<index>-<pid>"), in the X-Loraplex-Worker header of every answer.
     identity = link.identity if link and link.identity else "w0"
