@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Build the loraplex image and check it for real: it starts, becomes ready, takes a demo adapter,
-# classifies with it, runs as uid 10001, and exits 0 on SIGTERM.
+# Build the loraplex image and check it for real: without tokens it refuses to start; with them it starts,
+# becomes ready, takes a demo adapter, classifies with it, runs as uid 10001, and exits 0 on SIGTERM.
 #
 #   docker/check.sh [DOCKER BUILD OPTIONS...]
 #
@@ -52,6 +52,12 @@ start=$(now)
 build_s=$(since "$start")
 size=$("$DOCKER" image inspect -f '{{.Size}}' "$IMAGE")
 say "built in ${build_s} s; image size $((size / 1000000)) MB"
+
+# As shipped, with no token given or mounted, the image refuses to start (it listens on 0.0.0.0) and says
+# how to make a token.
+refusal=$(timeout "$STOP_TIMEOUT" "$DOCKER" run --rm "$IMAGE" 2>&1) && fail "the image started without an API key"
+printf '%s' "$refusal" | grep -q 'openssl rand -hex 32' || fail "the refusal does not say how to make a token: $refusal"
+say "without tokens the image refuses to start and says how to make one"
 
 # A published port on the loopback interface only; the host picks a free one.
 start=$(now)

@@ -207,3 +207,25 @@ def test_uploads_and_preloads_are_bounded_by_the_model_size_limit(engine, folder
         assert (await registry.import_dir("big", folders[0]))[1] is True
 
     asyncio.run(main())
+
+
+class ChurningStore(DirectoryStore):
+    """A store whose every version is replaced between reading its manifest and reading its files."""
+
+    def read(self, adapter_id: str, version: str):
+        raise NotFoundError(f"Adapter {adapter_id!r} version {version} is no longer stored.")
+
+
+def test_an_adapter_that_keeps_changing_in_the_store_is_unavailable_for_now_not_missing(
+    engine, folders, tmp_path
+):
+    """A transient state: 503 with Retry-After (try again), not 404 (which says there is no such adapter)."""
+    registry = Registry(ChurningStore(tmp_path), engine)
+
+    async def main():
+        await Registry(DirectoryStore(tmp_path), engine).import_dir("churn", folders[0])
+        with pytest.raises(UnavailableError) as caught:
+            await registry.get("churn")
+        assert "keeps changing in the store" in caught.value.message and caught.value.retry_after > 0
+
+    asyncio.run(main())
