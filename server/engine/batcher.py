@@ -34,7 +34,7 @@ import math
 import queue
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -144,8 +144,9 @@ class Batcher:
         self._depth = 0  # live entries in the queue
         self._stopping = False
         self._rows_per_s = 0.0  # moving average of engine throughput, for Retry-After
-        # Per (task, problem_type): the last adapter whose rows ran, to tell an adapter's fault from ours.
-        self._known_good: dict[tuple[str, str | None], object] = {}
+        # The last adapters whose rows ran (at most one per slot, most recent last), to tell an adapter's
+        # fault from ours; their tasks are looked at only when a batch fails.
+        self._known_good: OrderedDict[tuple[str, str], object] = OrderedDict()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = thread or EngineThread()
         self._worker: concurrent.futures.Future | None = None  # the worker loop, once started
@@ -313,9 +314,12 @@ class Batcher:
         logits = self._engine.classify([entry.token_ids for entry in batch], slots)
         end = time.monotonic()
         self._observe(batch, start, end)
-        for entry in batch:
-            handle = entry.job.handle
-            self._known_good[(handle.task, handle.problem_type)] = handle
+        good = self._known_good
+        for handle in {entry.job.handle.key: entry.job.handle for entry in batch}.values():
+            good[handle.key] = handle
+            good.move_to_end(handle.key)
+        while len(good) > self._engine.num_slots:
+            good.popitem(last=False)
         done = []
         for entry, row in zip(batch, logits, strict=True):
             job = entry.job
@@ -333,8 +337,18 @@ class Batcher:
         """Whether one of `handle`'s failed rows runs with another adapter of its task that has run: the
         LoRA op and the task's head work, so `handle`'s adapter is what fails. False when there is no such
         adapter (nothing to compare with: the server takes the blame) or when it fails too."""
-        good = self._known_good.get((handle.task, handle.problem_type))
-        if handle.adapter_id is None or good is None or good.key == handle.key:
+        if handle.adapter_id is None:
+            return False
+        task = (handle.task, handle.problem_type)
+        good = next(
+            (
+                g
+                for g in reversed(self._known_good.values())
+                if g.key != handle.key and (g.task, g.problem_type) == task
+            ),
+            None,
+        )
+        if good is None:
             return False
         try:
             self._engine.classify([token_ids], self._registry.slots_for([good]))
