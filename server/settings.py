@@ -70,7 +70,7 @@ class Settings(BaseSettings):
         2.0, ge=0, le=10_000, description="how long an idle engine waits for a batch to fill"
     )
     max_queued: int = Field(1024, ge=1, description="inputs waiting for the engine; beyond it: 429")
-    max_client_batch: int = Field(32, ge=1, description="most inputs in one /classify request")
+    max_client_batch: int = Field(32, ge=1, description="most inputs in one request (/answer: windows)")
     max_body_bytes: int = Field(2 * 1024 * 1024, ge=1, description="largest /classify request body")
     max_upload_bytes: int = Field(
         64 * 1024 * 1024,
