@@ -40,6 +40,8 @@ from loraplex.adapters.errors import (
     InvalidAdapterError,
     LoraplexError,
     NotFoundError,
+    PayloadTooLargeError,
+    UnavailableError,
 )
 from loraplex.adapters.peft import AdapterWeights
 from loraplex.adapters.store import (
@@ -101,8 +103,10 @@ class Registry:
         staleness_s: float = 2.0,
         max_rank: int | None = None,
         max_labels: int | None = None,
+        max_model_bytes: int | None = None,
     ):
         self.store = store
+        self.max_model_bytes = max_model_bytes  # uploads and preloads: the largest adapter_model.safetensors
         self.engine = engine
         self.base = engine.base
         self.num_slots: int = engine.num_slots
@@ -121,7 +125,10 @@ class Registry:
         self._host: OrderedDict[Key, AdapterHandle] = OrderedDict()
         self._generation: dict[str, int] = {}  # bumped by put/delete so that older store reads are discarded
         self._inflight: dict[Hashable, asyncio.Task] = {}
-        self._id_locks: dict[str, asyncio.Lock] = {}
+        # Per id while a write or a manifest read of it runs, then pruned: [lock, users] and the id's
+        # write generation (bumped by put/delete so that older store reads are discarded).
+        self._id_locks: dict[str, list] = {}
+        self._reading: dict[str, int] = {}  # manifest reads in flight per id
         self._refresh_pool = ThreadPoolExecutor(REFRESH_THREADS, thread_name_prefix="loraplex-refresh")
         self._refresher: asyncio.Task | None = None
         # Slot state: the worker thread's alone. The event loop reads `_resident_keys` (replaced whole,
@@ -202,7 +209,10 @@ class Registry:
                 # The version was replaced or deleted by another process since we read the manifest.
                 if self._known.get(adapter_id) is known:
                     del self._known[adapter_id]
-        raise NotFoundError(f"Adapter {adapter_id!r} keeps changing in the store; retry.")
+        raise UnavailableError(
+            f"Adapter {adapter_id!r} keeps changing in the store; retry after the time in Retry-After.",
+            retry_after=1,
+        )
 
     async def put(
         self,
@@ -224,6 +234,7 @@ class Registry:
             self.base,
             max_rank=self.max_rank,
             max_labels=self.max_labels,
+            max_model_bytes=self.max_model_bytes,
             model_filename=model_filename,
         )
         async with self._id_lock(adapter_id):
@@ -247,6 +258,7 @@ class Registry:
             self._bump(adapter_id)
             self._known.pop(adapter_id, None)
             self._retire(adapter_id, keep=None)
+        self._prune(adapter_id)
         if not existed:
             raise NotFoundError(f"There is no adapter named {adapter_id!r}.")
         log.info("adapter %s deleted", adapter_id)
@@ -269,6 +281,14 @@ class Registry:
         if missing:
             raise InvalidAdapterError(
                 f"{folder} has no {missing[0]}; point at a PEFT save_pretrained folder."
+            )
+        if (
+            self.max_model_bytes is not None
+            and (size := (folder / MODEL_NAME).stat().st_size) > self.max_model_bytes
+        ):
+            raise PayloadTooLargeError(
+                f"{folder / MODEL_NAME} is {size} bytes, over the limit of {self.max_model_bytes} bytes "
+                "(--max-upload-bytes)."
             )
         labels_path = folder / "labels.json"
         labels = parse_labels(labels_path.read_bytes()) if labels_path.is_file() else None
@@ -371,6 +391,16 @@ class Registry:
                     self._refresh_soon(adapter_id)
 
     async def _refresh(self, adapter_id: str, pool: ThreadPoolExecutor | None = None) -> None:
+        self._reading[adapter_id] = self._reading.get(adapter_id, 0) + 1
+        try:
+            await self._read_manifest(adapter_id, pool)
+        finally:
+            self._reading[adapter_id] -= 1
+            if not self._reading[adapter_id]:
+                del self._reading[adapter_id]
+            self._prune(adapter_id)
+
+    async def _read_manifest(self, adapter_id: str, pool: ThreadPoolExecutor | None) -> None:
         generation = self._generation.get(adapter_id, 0)
         started = time.monotonic()
         record = await asyncio.get_running_loop().run_in_executor(pool, self.store.get, adapter_id)
@@ -428,8 +458,30 @@ class Registry:
     def _bump(self, adapter_id: str) -> None:
         self._generation[adapter_id] = self._generation.get(adapter_id, 0) + 1
 
-    def _id_lock(self, adapter_id: str) -> asyncio.Lock:
-        return self._id_locks.setdefault(adapter_id, asyncio.Lock())
+    @contextlib.asynccontextmanager
+    async def _id_lock(self, adapter_id: str):
+        """Writes of one id one at a time; the lock lives while someone holds or waits for it."""
+        entry = self._id_locks.setdefault(adapter_id, [asyncio.Lock(), 0])
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if not entry[1]:
+                del self._id_locks[adapter_id]
+                self._prune(adapter_id)
+
+    def _prune(self, adapter_id: str) -> None:
+        """Forget `adapter_id`'s write generation once nothing can compare with it: the id is not known
+        here, and no write or manifest read of it runs (a read that started before a write must still
+        see that write's bump)."""
+        if (
+            adapter_id not in self._known
+            and adapter_id not in self._id_locks
+            and adapter_id not in self._reading
+        ):
+            self._generation.pop(adapter_id, None)
 
     async def _once(self, key: Hashable, make: Callable[[], Awaitable[Any]]) -> Any:
         """Run `make()` once for all concurrent callers with the same key; a cancelled caller leaves it be."""

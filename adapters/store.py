@@ -173,6 +173,8 @@ class AdapterStore(ABC):
     """
 
     damaged = 0  # damaged or foreign entries met (skipped in a listing, or refused for a request)
+    # Largest file `read` returns (None: no limit): a foreign object is refused, never loaded whole.
+    max_file_bytes: int | None = None
     _warned: frozenset[tuple[str, str]] = frozenset()  # (adapter_id, reason) already logged as warnings
 
     def damaged_error(self, adapter_id: str, reason: str) -> DamagedAdapterError:
@@ -255,14 +257,22 @@ class DirectoryStore(AdapterStore):
         folder = self._adapters / adapter_id / version
         try:
             return AdapterFiles(
-                config=(folder / CONFIG_NAME).read_bytes(),
-                model=(folder / MODEL_NAME).read_bytes(),
-                labels=parse_stored_labels((folder / LABELS_NAME).read_bytes()),
+                config=self._read_capped(folder / CONFIG_NAME),
+                model=self._read_capped(folder / MODEL_NAME),
+                labels=parse_stored_labels(self._read_capped(folder / LABELS_NAME)),
             )
         except FileNotFoundError:
             raise NotFoundError(f"Adapter {adapter_id!r} version {version} is no longer stored.") from None
         except (OSError, ValueError) as exc:
             raise self.damaged_error(adapter_id, _reason(exc)) from None
+
+    def _read_capped(self, path: Path) -> bytes:
+        """The file's bytes, read no further than `max_file_bytes` + 1; ValueError past the limit."""
+        with open(path, "rb") as file:
+            data = file.read() if self.max_file_bytes is None else file.read(self.max_file_bytes + 1)
+        if self.max_file_bytes is not None and len(data) > self.max_file_bytes:
+            raise ValueError(f"{path.name} is over the limit of {self.max_file_bytes} bytes")
+        return data
 
     # --- writes ------------------------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ import logging
 import os
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -57,6 +58,8 @@ READ_TIMEOUT_S = 10.0
 MAX_ATTEMPTS = 2  # per request, first try included
 RETRY_AFTER_S = 5
 MANIFEST_SWAP_TRIES = 8  # compare-and-swap rounds before a write under heavy contention gives up with 409
+PUT_NEW_TRIES = 3  # conditional writes of a new object that conflicted (409) and stored nothing
+LIST_THREADS = 8  # manifests a listing reads at once
 ORPHAN_AGE_S = 3600.0  # a folder no manifest names, older than this, is left over from a crashed write
 OBJECTS_KEY = "objects"  # manifest field naming the folder of the current version
 
@@ -141,12 +144,18 @@ class S3Store(AdapterStore):
         return None if found is None else found[0]
 
     def list(self) -> list[AdapterRecord]:
-        records = []
-        for adapter_id in self._list_ids():
+        """One manifest GET per adapter, `LIST_THREADS` at a time."""
+
+        def get(adapter_id: str) -> AdapterRecord | None:
             with contextlib.suppress(DamagedAdapterError):  # logged and counted by get()
-                if (record := self.get(adapter_id)) is not None:
-                    records.append(record)
-        return records
+                return self.get(adapter_id)
+            return None
+
+        ids = self._list_ids()
+        if not ids:
+            return []
+        with ThreadPoolExecutor(min(LIST_THREADS, len(ids)), thread_name_prefix="loraplex-s3-list") as pool:
+            return [record for record in pool.map(get, ids) if record is not None]
 
     def read(self, adapter_id: str, version: str) -> AdapterFiles:
         check_adapter_id(adapter_id)
@@ -285,9 +294,23 @@ class S3Store(AdapterStore):
         self._call("delete_object", Bucket=self.bucket, Key=key)
 
     def _put_new(self, key: str, body: bytes) -> None:
-        # The key is unique to this write: if it exists, a retried request of ours already stored it.
-        with contextlib.suppress(_PreconditionFailed):
-            self._put_conditionally(key, body, {"IfNoneMatch": "*"})
+        """Write a key unique to this write. A refused condition means a retried request of ours stored it
+        already (412) or a concurrent conditional request conflicted (409, nothing stored): the object is
+        checked, and written again when it is not there."""
+        for _ in range(PUT_NEW_TRIES):
+            try:
+                self._put_conditionally(key, body, {"IfNoneMatch": "*"})
+                return
+            except _PreconditionFailed:
+                if self._stored_size(key) == len(body):
+                    return
+        raise self._unavailable(f"{key} could not be written: its conditional writes kept conflicting")
+
+    def _stored_size(self, key: str) -> int | None:
+        try:
+            return int(self._call("head_object", Bucket=self.bucket, Key=key)["ContentLength"])
+        except _Missing:
+            return None
 
     def _put_conditionally(self, key: str, body: bytes, condition: dict[str, str]) -> None:
         if self._conditional_put:
@@ -360,19 +383,31 @@ class S3Store(AdapterStore):
             token = page["NextContinuationToken"]
 
     def _get_bytes(self, key: str) -> bytes:
-        return self._call("get_object", Bucket=self.bucket, Key=key)["Body"].read()
+        return self._call("get_object", Bucket=self.bucket, Key=key, max_body=self.max_file_bytes)[
+            "Body"
+        ].read()
 
     # --- errors ------------------------------------------------------------------------------------
 
-    def _call(self, operation: str, **kwargs: Any) -> Any:
-        """One S3 request; store failures become typed errors the HTTP layer can answer."""
+    def _call(self, operation: str, *, max_body: int | None = None, **kwargs: Any) -> Any:
+        """One S3 request; store failures become typed errors the HTTP layer can answer. A body is read
+        no further than `max_body` + 1 bytes: ValueError past that."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             response = getattr(self.client, operation)(**kwargs)
             if "Body" in response:
                 # The body streams after the call returns; read it here so that its failures are mapped too.
-                response["Body"] = _ReadBody(response["Body"].read())
+                body = response["Body"]
+                try:
+                    data = body.read() if max_body is None else body.read(max_body + 1)
+                finally:
+                    body.close()
+                if max_body is not None and len(data) > max_body:
+                    raise ValueError(
+                        f"{kwargs.get('Key', 'an object')} is over the limit of {max_body} bytes"
+                    )
+                response["Body"] = _ReadBody(data)
             return response
         except ClientError as exc:
             error = exc.response.get("Error", {})

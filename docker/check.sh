@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Build the loraplex image and check it for real: it starts, becomes ready, takes a demo adapter,
-# classifies with it, runs as uid 10001, and exits 0 on SIGTERM.
+# Build the loraplex image and check it for real: without tokens it refuses to start; with them it starts,
+# becomes ready, takes a demo adapter, classifies with it, runs as uid 10001, and exits 0 on SIGTERM.
 #
 #   docker/check.sh [DOCKER BUILD OPTIONS...]
 #
@@ -22,7 +22,8 @@ IMAGE=${IMAGE:-loraplex:check}
 READY_TIMEOUT=${READY_TIMEOUT:-300}
 STOP_TIMEOUT=${STOP_TIMEOUT:-60}
 ADAPTER_DIR=adapters/demo/tweet-sentiment
-TOKEN="check-$$-$RANDOM"
+TOKEN=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')    # the server refuses tokens under 32 characters
+API_KEY=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')
 NAME="loraplex-check-$$"
 
 say() { printf 'check: %s\n' "$*"; }
@@ -52,9 +53,16 @@ build_s=$(since "$start")
 size=$("$DOCKER" image inspect -f '{{.Size}}' "$IMAGE")
 say "built in ${build_s} s; image size $((size / 1000000)) MB"
 
+# As shipped, with no token given or mounted, the image refuses to start (it listens on 0.0.0.0) and says
+# how to make a token.
+refusal=$(timeout "$STOP_TIMEOUT" "$DOCKER" run --rm "$IMAGE" 2>&1) && fail "the image started without an API key"
+printf '%s' "$refusal" | grep -q 'openssl rand -hex 32' || fail "the refusal does not say how to make a token: $refusal"
+say "without tokens the image refuses to start and says how to make one"
+
 # A published port on the loopback interface only; the host picks a free one.
 start=$(now)
-"$DOCKER" run -d --name "$NAME" -p 127.0.0.1::8000 -e LORAPLEX_ADMIN_TOKEN="$TOKEN" "$IMAGE" >/dev/null \
+"$DOCKER" run -d --name "$NAME" -p 127.0.0.1::8000 -e LORAPLEX_ADMIN_TOKEN="$TOKEN" -e LORAPLEX_API_KEY="$API_KEY" \
+    "$IMAGE" >/dev/null \
     || fail "docker run"
 hostport=$("$DOCKER" port "$NAME" 8000/tcp | head -n 1)
 [ -n "$hostport" ] || fail "the container publishes no port for 8000"
@@ -84,6 +92,7 @@ rm -f /tmp/"$NAME"-put.json
 say "uploaded $ADAPTER_DIR as check-sentiment (201)"
 
 reply=$(curl -s -w '\n%{http_code}' -X POST "$base/classify" -H 'Content-Type: application/json' \
+    -H "Authorization: Bearer $API_KEY" \
     -d '{"adapter_id": "check-sentiment", "inputs": ["I love this, best day ever!", "This is awful and I hate it."]}')
 code=${reply##*$'\n'}
 body=${reply%$'\n'*}

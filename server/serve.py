@@ -63,6 +63,19 @@ def main(argv: list[str] | None = None, *, engine_factory=None) -> int:
     return Supervisor(settings, engine_factory).run()
 
 
+def exposure(settings: Settings) -> str:
+    """What the start line says about who may use the server, when anyone on the network may."""
+    if settings.loopback_only:
+        return ""
+    said = []
+    if settings.anonymous_inference:
+        said.append("INFERENCE AND ADAPTER READS ARE OPEN TO ANYONE (--allow-anonymous-inference)")
+    if settings.metrics_token is None:
+        labels = "with" if settings.metrics_adapter_limit else "without"
+        said.append(f"/metrics is open, {labels} adapter ids")
+    return "; " + "; ".join(said) if said else ""
+
+
 def default_workers(settings: Settings) -> int:
     """HTTP workers when --workers is not given: on a GPU the front end is the bottleneck, so half the
     cores (the engine process and the tokenizers need the rest), at most 8; on the CPU the engine needs
@@ -121,8 +134,9 @@ class Supervisor:
         for index in range(self.workers):
             self._start_worker(index, serve_while_loading=index == 0)
         log.info(
-            "loraplex serving on http://%s:%d: 1 engine process (pid %d) and %d HTTP worker%s",
+            "loraplex serving on http://%s:%d: 1 engine process (pid %d) and %d HTTP worker%s%s",
             self.settings.host, self.settings.port, self.engine_pid, self.workers, "s" * (self.workers != 1),
+            exposure(self.settings),
         )  # fmt: skip
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)

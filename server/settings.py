@@ -22,7 +22,13 @@ from loraplex.console import add_version
 ENV_PREFIX = "LORAPLEX_"
 _DEVICE_RE = re.compile(r"^(cpu|cuda(:[0-9]+)?)$")
 _PRELOAD_RE = re.compile(r"^([^=]+)=(.+)$")
-_SECRETS = ("api_key", "admin_token")
+_SECRETS = ("api_key", "admin_token", "metrics_token")
+MIN_TOKEN_CHARS = 32
+# Words of the placeholders that example files and manifests carry; a random token never spells them.
+_PLACEHOLDER_RE = re.compile(r"replace|change[-_ ]?(me|this|it)|placeholder|example|your[-_ ]", re.IGNORECASE)
+MAKE_A_TOKEN = (
+    "make one with `openssl rand -hex 32` or `python -c 'import secrets; print(secrets.token_hex(32))'`"
+)
 _LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
 
 
@@ -64,9 +70,16 @@ class Settings(BaseSettings):
         2.0, ge=0, le=10_000, description="how long an idle engine waits for a batch to fill"
     )
     max_queued: int = Field(1024, ge=1, description="inputs waiting for the engine; beyond it: 429")
-    max_client_batch: int = Field(32, ge=1, description="most inputs in one /classify request")
+    max_client_batch: int = Field(32, ge=1, description="most inputs in one request (/answer: windows)")
     max_body_bytes: int = Field(2 * 1024 * 1024, ge=1, description="largest /classify request body")
-    max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1, description="largest adapter upload body")
+    max_upload_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1,
+        description="largest adapter upload body, and largest stored or preloaded file",
+    )
+    max_concurrent_uploads: int = Field(
+        2, ge=1, description="adapter uploads one HTTP worker takes at once; beyond it: 429 with Retry-After"
+    )
     request_timeout_s: float = Field(30.0, gt=0, description="a /classify request not done by then: 503")
     staleness_s: float = Field(
         2.0, ge=0, description="how stale this replica's view of the shared store may be"
@@ -77,7 +90,8 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(None, description="bearer token for /classify and GET /adapters")
     admin_token: SecretStr | None = Field(None, description="bearer token for PUT and DELETE /adapters")
     api_key_file: Path | None = Field(
-        None, description="file holding the API key, read when api_key is unset (absent: none)"
+        None,
+        description="file holding the API key, read when api_key is unset (absent: refuse to start)",
     )
     admin_token_file: Path | None = Field(
         None,
@@ -86,6 +100,20 @@ class Settings(BaseSettings):
     allow_unauthenticated_writes: bool = Field(
         False,
         description="accept adapter writes without an admin token on a non-loopback host (anyone can write)",
+    )
+    allow_anonymous_inference: bool = Field(
+        False,
+        description="start with no API key on a non-loopback host: inference and adapter reads open to all",
+    )
+    metrics_token: SecretStr | None = Field(
+        None, description="bearer token for /metrics (unset: /metrics is open)"
+    )
+    metrics_token_file: Path | None = Field(
+        None, description="file holding the metrics token, read when metrics_token is unset (absent: none)"
+    )
+    metrics_adapter_labels: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="adapter ids as metrics labels (auto: on when /metrics needs a token or on loopback)",
     )
     preload: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -110,12 +138,12 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} is not a device; use cpu, cuda or cuda:N")
         return value
 
-    @field_validator("api_key", "admin_token", mode="before")
+    @field_validator("api_key", "admin_token", "metrics_token", mode="before")
     @classmethod
     def _empty_token_is_unset(cls, value: object) -> object:
         return None if value == "" else value
 
-    @field_validator("api_key_file", "admin_token_file", mode="before")
+    @field_validator("api_key_file", "admin_token_file", "metrics_token_file", mode="before")
     @classmethod
     def _empty_path_is_unset(cls, value: object) -> object:
         return None if value == "" else value
@@ -124,16 +152,59 @@ class Settings(BaseSettings):
     def _tokens_from_files(self) -> Settings:
         for name in _SECRETS:
             path = getattr(self, f"{name}_file")
-            if getattr(self, name) is not None or path is None or not path.exists():
-                continue  # a mounted secret that is absent leaves the token unset (writes: see auth)
+            if getattr(self, name) is not None or path is None:
+                continue
+            if not path.exists():
+                if name == "api_key":  # an absent key would leave inference open: refuse, never fail open
+                    raise ValueError(
+                        f"api_key_file {path} does not exist, so inference would be open to anyone. "
+                        f"Put an API key there ({MAKE_A_TOKEN}), set LORAPLEX_API_KEY, "
+                        "or set LORAPLEX_API_KEY_FILE= (empty) to run without one"
+                    )
+                # No admin token turns writes off (see auth); no metrics token leaves /metrics open.
+                continue
             try:
                 token = path.read_text(encoding="utf-8").strip()
             except (OSError, UnicodeDecodeError) as exc:
                 raise ValueError(f"{name}_file {path} cannot be read ({type(exc).__name__})") from None
             if not token:
-                raise ValueError(f"{name}_file {path} is empty; put the token in it or unset {name}_file")
+                raise ValueError(
+                    f"{name}_file {path} is empty; put a token in it ({MAKE_A_TOKEN}) or unset {name}_file"
+                )
             object.__setattr__(self, name, SecretStr(token))  # frozen model: set once, while validating
+        for name in _SECRETS:
+            secret = getattr(self, name)
+            if secret is not None:
+                problem = token_problem(secret.get_secret_value())
+                if problem:
+                    raise ValueError(f"{name} {problem}; {MAKE_A_TOKEN}")
         return self
+
+    @model_validator(mode="after")
+    def _inference_closed_or_opened_on_purpose(self) -> Settings:
+        if self.api_key is None and not self.loopback_only and not self.allow_anonymous_inference:
+            raise ValueError(
+                f"this server would listen on {self.host} with no API key, so anyone who reaches it "
+                "could run inference and list adapters. Set LORAPLEX_API_KEY or LORAPLEX_API_KEY_FILE "
+                f"({MAKE_A_TOKEN}), "
+                "listen on 127.0.0.1, or start with --allow-anonymous-inference "
+                "(LORAPLEX_ALLOW_ANONYMOUS_INFERENCE=true) to open inference on purpose"
+            )
+        return self
+
+    @property
+    def anonymous_inference(self) -> bool:
+        """Whether inference and adapter reads need no token."""
+        return self.api_key is None
+
+    @property
+    def metrics_adapter_limit(self) -> int:
+        """Adapters that get their own metrics label: none when adapter ids would be shown to anyone."""
+        if self.metrics_adapter_labels == "off":
+            return 0
+        if self.metrics_adapter_labels == "auto" and self.metrics_token is None and not self.loopback_only:
+            return 0
+        return self.metrics_max_adapters
 
     @property
     def loopback_only(self) -> bool:
@@ -190,6 +261,15 @@ class Settings(BaseSettings):
     def body_limit(self, path: str) -> int:
         """Largest request body accepted on `path`: uploads get their own, larger limit."""
         return self.max_upload_bytes if path.startswith("/adapters") else self.max_body_bytes
+
+
+def token_problem(token: str) -> str | None:
+    """Why `token` is not fit to guard a server (too short, a known placeholder), or None."""
+    if len(token) < MIN_TOKEN_CHARS:
+        return f"is {len(token)} characters long; a token needs at least {MIN_TOKEN_CHARS}"
+    if _PLACEHOLDER_RE.search(token) or len(set(token)) < 8:
+        return "is a placeholder, not a random token"
+    return None
 
 
 class SettingsError(Exception):

@@ -82,7 +82,7 @@ CASES = [
     case("unknown-field", body(temperature=0.5), 422, "validation"),
     case("too-long-without-truncate", body(inputs=LONG_TEXT, truncate=False), 422, "validation"),
     case("adapter-header-mismatch", body(), 422, "validation", headers={**JSON, "x-adapter-id": "tox"}),
-    case("adapter-overflows-float32", body(adapter_id="overflow"), 422, "validation"),
+    case("adapter-overflows-float32", body(adapter_id="overflow"), 409, "conflict"),
     case("unknown-adapter", body(adapter_id="nope"), 404, "not_found"),
     case("adapter-id-traversal", body(adapter_id="../../etc/passwd"), 404, "not_found"),
     case("adapter-id-empty", body(adapter_id=""), 404, "not_found"),

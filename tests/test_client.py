@@ -38,7 +38,7 @@ from loraplex.client import (
 from tests.live_server import REPO, LiveServer, free_port
 from tests.peft_factory import peft_logits, save_peft_adapter
 
-API_KEY, ADMIN = "client-test-key", "client-test-admin"
+API_KEY, ADMIN = "client-test-key-7c2e9a4f1b8d3e6a0c5f", "client-test-admin-4b8e1f6c9d2a7e3b05"
 TEXTS = ["what a lovely day", "my flight got cancelled again", "the meeting is at noon"]
 LONG = " ".join(f"word{i}" for i in range(600))  # over 512 tokens
 SLOW = "a " * 510  # 512 tokens with [CLS] and [SEP]: the slowest single-row forward pass, in 1 KB of JSON

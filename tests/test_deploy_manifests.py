@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from loraplex.settings import Settings
+from loraplex.settings import Settings, SettingsError, load_settings
 from tests.deploy_support import (
     NGINX_TEMPLATE,
     REPO,
@@ -437,3 +437,116 @@ def test_k8s_gpu_overlay(k8s_gpu):
 
 def test_env_pairs_parses_the_dockerfile_form():
     assert env_pairs('A=1 B="two words" C=${X}') == {"A": "1", "B": "two words", "C": "${X}"}
+
+
+# --- no usable token ships -----------------------------------------------------------------------------
+
+TOKEN_VARIABLES = ("LORAPLEX_ADMIN_TOKEN", "LORAPLEX_API_KEY", "LORAPLEX_METRICS_TOKEN")
+STRONG = "3c9e1f7a5b2d8064" * 4  # what `openssl rand -hex 32` prints
+
+
+def settings_with(env: dict[str, str], monkeypatch) -> Settings:
+    """The server's own settings for `env`, as `loraplex serve` reads them (raises SettingsError)."""
+    for name in Settings.model_fields:
+        monkeypatch.delenv(f"LORAPLEX_{name.upper()}", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return load_settings([])
+
+
+def shipped_tokens(k8s: list[dict], k8s_gpu: list[dict]) -> dict[str, str]:
+    """Every token value a shipped file carries: the rendered Kubernetes Secrets and tokens.env.example."""
+    found = {}
+    for where, docs in (("k8s", k8s), ("k8s/gpu", k8s_gpu)):
+        for doc in docs:
+            if doc["kind"] == "Secret":
+                for key, value in {**doc.get("stringData", {}), **doc.get("data", {})}.items():
+                    found[f"{where} Secret {doc['metadata']['name']} {key}"] = str(value or "")
+    for line in (DEPLOY / "tokens.env.example").read_text().splitlines():
+        name, sep, value = line.partition("=")
+        if sep and not line.startswith("#"):
+            found[f"deploy/tokens.env.example {name}"] = value
+    return found
+
+
+def test_no_shipped_manifest_carries_a_usable_token(k8s, k8s_gpu, tmp_path, monkeypatch):
+    tokens = shipped_tokens(k8s, k8s_gpu)
+    assert {
+        "k8s Secret loraplex-tokens LORAPLEX_API_KEY",
+        "deploy/tokens.env.example LORAPLEX_API_KEY",
+    } <= set(tokens)
+    pod, container = server_container(k8s)
+    container_env = {e["name"]: e["value"] for e in container["env"]}
+    for where, value in tokens.items():
+        variable = where.rsplit(" ", 1)[1]
+        assert variable in TOKEN_VARIABLES, where
+        # The Secret is mounted as a file at the path the server reads: the server must refuse what it holds.
+        secret = tmp_path / variable.lower()
+        secret.write_text(value)
+        env = {**server_env(k8s), f"{variable}_FILE": str(secret)}
+        if variable != "LORAPLEX_API_KEY":
+            env["LORAPLEX_API_KEY"] = STRONG
+        with pytest.raises(SettingsError) as caught:
+            settings_with(env, monkeypatch)
+        assert "openssl rand -hex 32" in str(caught.value), where
+        assert f"{variable}_FILE" in container_env or where.startswith("deploy/"), where
+    # No manifest anywhere sets a token as a plain variable either.
+    for path in [*DEPLOY.rglob("*.yaml")]:
+        for doc in yaml.safe_load_all(path.read_text()):
+            text = json.dumps(doc)
+            for variable in TOKEN_VARIABLES:
+                assert f'"name": "{variable}", "value"' not in text, f"{path} sets {variable}"
+
+
+def test_compose_as_shipped_refuses_to_start_until_tokens_are_set(tmp_path, monkeypatch):
+    example = dict(
+        line.split("=", 1)
+        for line in (DEPLOY / "tokens.env.example").read_text().splitlines()
+        if "=" in line and not line.startswith("#")
+    )
+    env = {  # compose's ${NAME:-default}, with nothing set in the shell: the default
+        k: re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(v))
+        for k, v in compose()["services"]["loraplex"]["environment"].items()
+    }
+    env = {**env, **example, "LORAPLEX_ADAPTER_STORE": str(tmp_path / "store")}
+    env["LORAPLEX_API_KEY_FILE"] = str(tmp_path / "not-mounted")  # the image's path, absent here as there
+    with pytest.raises(SettingsError, match="openssl rand -hex 32"):
+        settings_with(env, monkeypatch)
+    settings = settings_with(
+        {**env, "LORAPLEX_API_KEY": STRONG, "LORAPLEX_ADMIN_TOKEN": STRONG[::-1]}, monkeypatch
+    )
+    assert not settings.anonymous_inference and settings.admin_token is not None
+
+
+def test_the_image_defaults_refuse_to_start_and_say_how_to_make_a_token(tmp_path, monkeypatch):
+    """`docker run IMAGE` with nothing mounted: the image's own environment, started for real."""
+    from tests.deploy_support import free_port
+
+    image = image_env()
+    assert image["LORAPLEX_API_KEY_FILE"].startswith("/run/secrets/")
+    env = {
+        **image,
+        "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+        "LORAPLEX_PORT": str(free_port()),
+        "LORAPLEX_ADAPTER_STORE": str(tmp_path / "store"),
+        "HOME": str(tmp_path),
+        "HF_HOME": str(tmp_path / "hf"),
+    }
+    # The image's secret path, unless a test machine happens to hold one: then a path certainly absent.
+    if Path(image["LORAPLEX_API_KEY_FILE"]).exists():
+        env["LORAPLEX_API_KEY_FILE"] = str(tmp_path / "absent" / "api-key")
+    result = subprocess.run(
+        [sys.executable, "-m", "loraplex", "serve"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2, result.stderr
+    assert "does not exist, so inference would be open to anyone" in result.stderr
+    assert "openssl rand -hex 32" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "store").exists()  # refused before touching anything
+    # With the Secret mounted (files at the variables' paths) the same environment is accepted, closed.
+    for variable in ("LORAPLEX_API_KEY_FILE", "LORAPLEX_ADMIN_TOKEN_FILE"):
+        secret = tmp_path / variable.lower()
+        secret.write_text(STRONG if "API" in variable else STRONG[::-1])
+        env[variable] = str(secret)
+    settings = settings_with({k: v for k, v in env.items() if k.startswith("LORAPLEX_")}, monkeypatch)
+    assert not settings.anonymous_inference and settings.admin_token is not None
+    assert settings.metrics_adapter_limit == 0  # /metrics on 0.0.0.0 without its token names no adapter

@@ -30,8 +30,8 @@ pytestmark = pytest.mark.skipif(
     reason="nginx is not installed (.ci/run installs nginx-light)",
 )
 
-ADMIN = "admin-token-for-tests"
-API_KEY = "api-key-for-tests"
+ADMIN = "admin-token-for-tests-3f9c1b7e5d2a8064"
+API_KEY = "api-key-for-tests-8e1d4c7b2a9f6035e1"
 STALENESS_S = 1.0
 TEXTS = ["the service was wonderful", "terrible, never again", "it was fine I guess"]
 
@@ -165,8 +165,14 @@ def test_replace_and_delete_through_nginx_reach_both_replicas_within_the_stalene
     # The replica that took the PUT answers with the new version at once ...
     writer = replaced.headers["x-loraplex-replica"]
     assert cluster.classify("swap", url=direct[writer]).json()["adapter_version"] == new
-    # ... and the other one within the staleness bound (plus a little for the request itself).
-    bound = STALENESS_S + 1.5
+    # ... and the other one within the staleness bound, plus the time of ten requests as this machine
+    # serves them now (never less than 1.5 s): measured, so that it holds on a fast or a slow machine.
+    took = []
+    for _ in range(3):
+        started = time.monotonic()
+        cluster.classify("swap", url=direct[writer])
+        took.append(time.monotonic() - started)
+    bound = STALENESS_S + max(1.5, 10 * max(took))
     expected = reference(v2)
     for url in direct.values():
         wait_for(lambda u=url: cluster.classify("swap", url=u).json()["adapter_version"] == new, bound)

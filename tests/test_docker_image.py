@@ -1,5 +1,5 @@
-"""The image checked for real: docker/check.sh builds it, starts it, waits for /ready, uploads a demo adapter,
-classifies, checks uid 10001 and a 0 exit on SIGTERM.
+"""The image checked for real: docker/check.sh builds it, sees it refuse to start without tokens, starts it
+with tokens, waits for /ready, uploads a demo adapter, classifies, checks uid 10001 and a 0 exit on SIGTERM.
 
 It builds an image (minutes, and a torch download on a cold cache), so it runs only when asked for with
 `pytest -m docker` and a Docker engine is reachable; otherwise it is skipped with the reason. Options for
@@ -54,5 +54,12 @@ def test_image_builds_serves_and_stops_cleanly(request):
     lines = [line for line in result.stdout.splitlines() if line.startswith("check:")]
     assert result.returncode == 0, "\n".join([*lines, result.stderr[-4000:]])
     assert lines[-1].startswith("check: ok:"), "\n".join(lines)
-    for step in ("/ready answered 200", "runs as uid 10001", "(201)", "classified: positive negative"):
+    steps = (
+        "refuses to start",
+        "/ready answered 200",
+        "runs as uid 10001",
+        "(201)",
+        "classified: positive negative",
+    )
+    for step in steps:
         assert any(step in line for line in lines), f"no {step!r} in:\n" + "\n".join(lines)

@@ -163,3 +163,22 @@ def test_cuda_matches_peft(adapters, dtype, tol):
     logits = gpu.classify([ids[t] for t, _ in rows], [s for _, s in rows])
     for (t, s), row in zip(rows, logits, strict=True):
         assert (torch.softmax(row, -1) - adapters[s][2][t]).abs().max().item() <= tol
+
+
+def test_each_row_owns_its_memory_not_the_whole_batchs(engine, tmp_path):
+    """A request keeps its rows until all are done; a row that were a view of the batch's host tensor would
+    keep every other row's embeddings alive with it."""
+    from tests.task_support import save_task_adapter
+
+    folder = save_task_adapter(tmp_path / "emb", "FEATURE_EXTRACTION", seed=4)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    weights = parse_adapter(config, load_file(folder / "adapter_model.safetensors"), engine.base, max_rank=64)
+    engine.load_slot(0, weights)
+    try:
+        ids = engine.tokenize(["a short one", "a much longer text about the weather " * 4, "mid length text"])
+        rows = engine.classify(ids, [0, 0, 0])
+    finally:
+        engine.clear_slot(0)
+    for row, tokens in zip(rows, ids, strict=True):
+        assert row.shape == (len(tokens), engine.base.hidden_size)
+        assert row.untyped_storage().nbytes() == row.numel() * row.element_size()

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
+import time
 
 import httpx
 import pytest
 
+from tests.lifecycle_support import upload
 from tests.live_server import LiveServer
+from tests.peft_factory import save_peft_adapter
 
 TIMEOUT_S = 1.0
 
@@ -56,3 +60,48 @@ def test_a_stalled_body_gets_a_400_naming_the_timeout(server, path):
     assert httpx.get(server.url + "/health", timeout=30).status_code == 200
     ok = httpx.post(server.url + "/embed", json={"inputs": "hello"}, timeout=60)
     assert ok.status_code == 200, ok.text
+
+
+def test_uploads_past_the_concurrency_bound_get_429_with_retry_after(tmp_path):
+    """One upload whose body the client holds back takes the only upload place of the worker: another
+    upload gets 429 with Retry-After, without its body being read; once the first is done, uploads go on."""
+    folder = save_peft_adapter(tmp_path / "a", seed=3)
+    store = tmp_path / "store"
+    srv = LiveServer("--workers", "1", "--adapter-store", str(store), "--max-concurrent-uploads", "1")
+    with srv, httpx.Client(base_url=srv.url, timeout=120) as client:
+        files = {
+            "adapter_config": ("adapter_config.json", (folder / "adapter_config.json").read_bytes()),
+            "adapter_model": (
+                "adapter_model.safetensors",
+                (folder / "adapter_model.safetensors").read_bytes(),
+            ),
+        }
+        request = client.build_request("PUT", "/adapters/held", files=files)
+        body = request.read()
+        go_on = threading.Event()
+
+        def held_body():
+            yield body[:100]
+            assert go_on.wait(120)
+            yield body[100:]
+
+        headers = {"content-type": request.headers["content-type"], "content-length": str(len(body))}
+        results = []
+        first = threading.Thread(
+            target=lambda: results.append(client.put("/adapters/held", content=held_body(), headers=headers))
+        )
+        first.start()
+        try:
+            # Until the server has begun the held upload, a bodiless PUT gets 415; from then on, 429.
+            deadline = time.monotonic() + 120
+            while (refused := client.put("/adapters/other")).status_code == 415:
+                assert time.monotonic() < deadline, "the held upload never started"
+                time.sleep(0.05)
+            assert refused.status_code == 429, refused.text
+            assert refused.json()["error_type"] == "overloaded" and int(refused.headers["retry-after"]) > 0
+            assert upload(client, "other", folder).status_code == 429  # a whole upload too
+        finally:
+            go_on.set()
+            first.join(120)
+        assert results[0].status_code == 201, results[0].text
+        assert upload(client, "other", folder).status_code == 201

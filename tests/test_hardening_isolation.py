@@ -5,19 +5,24 @@ Each server runs the real engine made to fail for one adapter (rank 16: "intent"
 then run as one mixed batch; every request of the other adapters must get the engine's exact answer,
 and those of the failing adapter the error that says whose fault it is: 409 naming the adapter when
 the adapter is at fault, 503 with Retry-After when the server is (out of memory). Never a 500.
+
+A fault of the server's own code (the LoRA op, a head) fails every adapter alike: 503 with Retry-After and
+a log line with the batch's shape, never a 409 that asks for a corrected upload.
 """
 
 from __future__ import annotations
 
+import re
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
 import torch
 
-from tests.faulty_engine import FAULT_ENV
+from tests.faulty_engine import ARMED_ENV, FAULT_ENV
 from tests.live_server import LiveServer
 from tests.paced_engine import EngineControl
 from tests.serving_support import TEXTS, metrics, preload_args, reference, sample, scores_of
@@ -94,3 +99,47 @@ def test_a_failing_adapter_fails_only_its_own_requests_in_a_mixed_batch(kind, wo
         }
         assert statuses == {"200", str(EXPECTED[kind][0])}
         assert f"adapter {FAULTY} version" in srv.log()  # the server's log says what failed, and for whom
+
+
+def check_server_fault(response: httpx.Response, adapter: str) -> None:
+    assert response.status_code == 503, response.text
+    body = response.json()
+    assert body["error_type"] == "unavailable" and repr(adapter) in body["error"]
+    assert "the fault is the server's" in body["error"] and "Upload a corrected" not in body["error"]
+    assert int(response.headers["retry-after"]) > 0
+
+
+def test_a_fault_in_the_lora_op_is_the_servers_even_for_adapters_that_ran_before():
+    """The LoRA op breaks after two adapters have answered: neither is blamed (no 409 asking for a new
+    upload), each request gets 503 with Retry-After, and the log holds the failed batch's shape."""
+    armed = Path(tempfile.mkdtemp(prefix="loraplex-fault-")) / "armed"
+    store = tempfile.mkdtemp(prefix="loraplex-isolation-store-")
+    server = LiveServer(
+        "--adapter-store", store, *preload_args(["sent", "topic"]),
+        env={FAULT_ENV: "lora:0", ARMED_ENV: str(armed)}, module="tests.faulty_engine",
+    )  # fmt: skip
+    with server as srv:
+        for adapter in ("sent", "topic"):  # both known good
+            check_answer(classify(srv, adapter, TEXTS[:2]), adapter, TEXTS[:2])
+        armed.touch()
+        for adapter in ("sent", "topic", "sent"):
+            check_server_fault(classify(srv, adapter, TEXTS[:3]), adapter)
+        log = srv.log()
+        assert "server fault: rows of adapter topic" in log
+        assert re.search(r"batch: 3 rows x \d+ tokens, rows per adapter \{'topic@[0-9a-f]+': 3\}", log)
+
+
+def test_a_fault_in_a_head_is_the_servers():
+    """Every adapter's head raises from the start: 503 for all of them, never 409. The engine still runs
+    rows without an adapter, so a probe with the empty slot (which skips the heads) would wrongly blame
+    each adapter."""
+    store = tempfile.mkdtemp(prefix="loraplex-isolation-store-")
+    server = LiveServer(
+        "--adapter-store", store, *preload_args(["sent", "topic"]),
+        env={FAULT_ENV: "head:0"}, module="tests.faulty_engine",
+    )  # fmt: skip
+    with server as srv, ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda a: (a, classify(srv, a, TEXTS[:2])), ["sent", "topic"] * 2))
+        for adapter, response in answers:
+            check_server_fault(response, adapter)
+        assert "IndexError" in srv.log() and "server fault" in srv.log()

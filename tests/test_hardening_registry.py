@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from loraplex.adapters.errors import UnavailableError
+from loraplex.adapters.errors import NotFoundError, PayloadTooLargeError, UnavailableError
 from loraplex.adapters.registry import Registry
 from loraplex.adapters.store import AdapterRecord, DirectoryStore
 from loraplex.engine.core import Engine
@@ -149,3 +149,83 @@ def test_the_event_loop_never_waits_for_a_slot_write(engine, folders, tmp_path):
 def test_a_host_cache_smaller_than_the_slots_is_refused(engine, tmp_path):
     with pytest.raises(ValueError, match=r"max_host_cache \(1\) must be at least the number of engine slots"):
         Registry(DirectoryStore(tmp_path), engine, max_host_cache=1)
+
+
+def test_the_id_maps_hold_only_ids_that_are_known_or_busy(engine, folders, tmp_path):
+    """Writes and reads of many ids, most deleted or never there: the per-id locks and write generations
+    are forgotten once an id is gone and idle, so they do not grow with every id ever written or asked."""
+    registry = Registry(DirectoryStore(tmp_path), engine)
+
+    async def main():
+        for i in range(30):
+            await registry.import_dir(f"gone-{i}", folders[i % len(folders)])
+            await registry.delete(f"gone-{i}")
+            with pytest.raises(NotFoundError):
+                await registry.get(f"never-{i}")
+        await registry.import_dir("kept", folders[0])
+        assert set(registry._id_locks) == set()
+        assert set(registry._generation) <= {"kept"}
+        # A write still makes an older manifest read of the same id stale: a read started before a delete
+        # does not bring the deleted version back.
+        store_get = registry.store.get
+        started, go_on = asyncio.Event(), asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def held_get(adapter_id):
+            record = store_get(adapter_id)
+            loop.call_soon_threadsafe(started.set)
+            asyncio.run_coroutine_threadsafe(go_on.wait(), loop).result(HOLD_S)
+            return record
+
+        registry.store.get = held_get
+        registry._known.clear()  # the next get reads the manifest
+        reading = asyncio.ensure_future(registry.get("kept"))
+        await started.wait()
+        registry.store.get = store_get
+        await registry.delete("kept")
+        go_on.set()
+        with pytest.raises(NotFoundError):
+            await reading  # the read came back after the delete: discarded, so not found
+        assert set(registry._id_locks) == set() and set(registry._generation) == set()
+
+    asyncio.run(main())
+
+
+def test_uploads_and_preloads_are_bounded_by_the_model_size_limit(engine, folders, tmp_path):
+    size = (folders[0] / "adapter_model.safetensors").stat().st_size
+    registry = Registry(DirectoryStore(tmp_path), engine, max_model_bytes=size - 1)
+    config = (folders[0] / "adapter_config.json").read_bytes()
+    model = (folders[0] / "adapter_model.safetensors").read_bytes()
+
+    async def main():
+        with pytest.raises(PayloadTooLargeError, match=f"over the limit of {size - 1} bytes"):
+            await registry.import_dir("big", folders[0])
+        with pytest.raises(PayloadTooLargeError, match=f"over the limit of {size - 1} bytes"):
+            await registry.put("big", config, model)
+        assert registry.store.get("big") is None
+        registry.max_model_bytes = size
+        assert (await registry.import_dir("big", folders[0]))[1] is True
+
+    asyncio.run(main())
+
+
+class ChurningStore(DirectoryStore):
+    """A store whose every version is replaced between reading its manifest and reading its files."""
+
+    def read(self, adapter_id: str, version: str):
+        raise NotFoundError(f"Adapter {adapter_id!r} version {version} is no longer stored.")
+
+
+def test_an_adapter_that_keeps_changing_in_the_store_is_unavailable_for_now_not_missing(
+    engine, folders, tmp_path
+):
+    """A transient state: 503 with Retry-After (try again), not 404 (which says there is no such adapter)."""
+    registry = Registry(ChurningStore(tmp_path), engine)
+
+    async def main():
+        await Registry(DirectoryStore(tmp_path), engine).import_dir("churn", folders[0])
+        with pytest.raises(UnavailableError) as caught:
+            await registry.get("churn")
+        assert "keeps changing in the store" in caught.value.message and caught.value.retry_after > 0
+
+    asyncio.run(main())

@@ -273,3 +273,18 @@ def test_a_server_starts_on_a_damaged_store_and_never_answers_500(adapter_dir):
         }
         assert not [status for _, status in answered if status.startswith("5")], answered
         assert "is damaged and skipped" in srv.log()
+
+
+def test_a_read_stops_at_the_size_limit_of_an_upload(kind):
+    """A store object larger than an upload may be (a foreign or planted file) is refused as damaged, read
+    no further than the limit; an object at the limit is read whole."""
+    store = kind.open()
+    version = store.get("good").version
+    size = len(store.read("good", version).model)
+    store.max_file_bytes = size
+    assert len(store.read("good", version).model) == size
+    store.max_file_bytes = size - 1
+    with pytest.raises(
+        DamagedAdapterError, match=f"adapter_model.safetensors is over the limit of {size - 1} bytes"
+    ):
+        store.read("good", version)

@@ -275,7 +275,11 @@ LONG_QUESTION = " ".join(["why"] * 60)
         ({"inputs": inputs(SHORT * 11)}, ["33 questions", "at most 32"]),
         # 3,000 words in windows that move 2 tokens: thousands of rows, refused before tokenizing them.
         ({"inputs": [{"question": "Who?", "context": "word " * 3000}], "max_seq_len": 16, "doc_stride": 9},
-         ["windows", "at most 1024"]),
+         ["windows", "at most 32 per request"]),
+        # About 150 windows: far below the queue's 1,024, but one request may not take more rows than
+        # max_client_batch (32), however its inputs are cut.
+        ({"inputs": [{"question": "Who?", "context": "word " * 300}], "max_seq_len": 16, "doc_stride": 9},
+         ["windows", "at most 32 per request"]),
     ],
 )  # fmt: skip
 def test_bad_input_is_a_422_in_the_contract_shape(srv, body, words):

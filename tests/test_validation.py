@@ -228,10 +228,21 @@ def good_dir(tmp_path_factory):
     return AdapterFactory().save(tmp_path_factory.mktemp("good"), seed=7)
 
 
-def test_table_is_large_enough(good_dir):
-    cases = hostile_cases(load_good(good_dir))
-    assert len(cases) >= 25
-    assert len({c.name for c in cases}) == len(cases)
+def test_each_case_is_its_own_upload_and_what_it_leaves_alone_is_valid(engine, good_dir):
+    """A rejection means something only when the rest of the upload is fine: the good adapter, as every
+    case sends what it does not change, is accepted; no case repeats another under a new name; and the
+    table reaches every status an upload's files can get."""
+    good = load_good(good_dir)
+    validate_upload(
+        "victim", good.config_bytes, good.model, parse_labels(good.labels), engine.base, max_rank=MAX_RANK,
+        max_labels=MAX_LABELS, max_model_bytes=MAX_UPLOAD,
+    )  # fmt: skip
+    cases = hostile_cases(good)
+    uploads = [repr({k: v for k, v in vars(case).items() if k not in ("name", "status", "error_type")})
+               for case in cases]  # fmt: skip
+    repeated = [case.name for case, u in zip(cases, uploads, strict=True) if uploads.count(u) > 1]
+    assert not repeated, f"cases that send the same upload: {repeated}"
+    assert {case.status for case in cases} >= {413, 415, 422}
 
 
 def test_good_adapter_passes_and_matches_peft(engine, good_dir):

@@ -12,7 +12,9 @@ for more entries. Results go back to each request's future; a request's rows may
 
 A batch that fails is run again split by adapter, so that only the requests of the adapter at fault
 fail (`blame`: 409 naming it, or 503 with Retry-After when the server is at fault, e.g. out of memory);
-the other adapters' requests get their answers.
+the other adapters' requests get their answers. An adapter is blamed only when the same rows run with a
+known-good adapter of its task (the last one whose rows ran): then the LoRA op and that task's head work
+and the difference is the adapter. When no such adapter exists, or it fails too, the server is at fault.
 
 The engine is built, warmed up and run on one thread, its `EngineThread`, so that no other thread of the
 server runs the engine's parallel work: here, once a second thread that had run it stayed alive, the
@@ -32,7 +34,7 @@ import math
 import queue
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -143,6 +145,9 @@ class Batcher:
         self._stopping = False
         self.shutdown_dropped = 0  # queued inputs that a shutdown dropped (the drain's own count)
         self._rows_per_s = 0.0  # moving average of engine throughput, for Retry-After
+        # The last adapters whose rows ran (at most one per slot, most recent last), to tell an adapter's
+        # fault from ours; their tasks are looked at only when a batch fails.
+        self._known_good: OrderedDict[tuple[str, str], object] = OrderedDict()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = thread or EngineThread()
         self._worker: concurrent.futures.Future | None = None  # the worker loop, once started
@@ -303,10 +308,11 @@ class Batcher:
                     self._run_rows(group)
                 except Exception as exc:
                     failed.append((group, exc))
-        # The adapter is at fault when other adapters ran, or when the engine runs rows without it.
-        engine_works = len(failed) < len(groups) or self._engine_works(batch[0].token_ids)
+        shape = batch_shape(batch)
         for group, exc in failed:
-            self._fail_batch(group, blame(exc, group[0].job.handle, engine_works))
+            handle = group[0].job.handle
+            adapter_at_fault = self._works_with_a_known_good_adapter(handle, group[0].token_ids)
+            self._fail_batch(group, blame(exc, handle, adapter_at_fault, shape))
 
     def _run_rows(self, batch: list[Entry]) -> None:
         start = time.monotonic()
@@ -314,6 +320,12 @@ class Batcher:
         logits = self._engine.classify([entry.token_ids for entry in batch], slots)
         end = time.monotonic()
         self._observe(batch, start, end)
+        good = self._known_good
+        for handle in {entry.job.handle.key: entry.job.handle for entry in batch}.values():
+            good[handle.key] = handle
+            good.move_to_end(handle.key)
+        while len(good) > self._engine.num_slots:
+            good.popitem(last=False)
         done = []
         for entry, row in zip(batch, logits, strict=True):
             job = entry.job
@@ -327,10 +339,25 @@ class Batcher:
         if done:
             self._loop.call_soon_threadsafe(_finish, done)
 
-    def _engine_works(self, token_ids: list[int]) -> bool:
-        """Whether the engine computes one row with no adapter: a broken adapter, or a broken server."""
+    def _works_with_a_known_good_adapter(self, handle, token_ids: list[int]) -> bool:
+        """Whether one of `handle`'s failed rows runs with another adapter of its task that has run: the
+        LoRA op and the task's head work, so `handle`'s adapter is what fails. False when there is no such
+        adapter (nothing to compare with: the server takes the blame) or when it fails too."""
+        if handle.adapter_id is None:
+            return False
+        task = (handle.task, handle.problem_type)
+        good = next(
+            (
+                g
+                for g in reversed(self._known_good.values())
+                if g.key != handle.key and (g.task, g.problem_type) == task
+            ),
+            None,
+        )
+        if good is None:
+            return False
         try:
-            self._engine.classify([token_ids], [self._engine.empty_slot])
+            self._engine.classify([token_ids], self._registry.slots_for([good]))
         except Exception:
             return False
         return True
@@ -389,11 +416,23 @@ def is_out_of_memory(exc: BaseException) -> bool:
     )
 
 
-def blame(exc: Exception, handle, engine_works: bool) -> LoraplexError:
+def batch_shape(batch: list[Entry]) -> str:
+    """A failed batch in a log line: rows, padded length, and rows per adapter version."""
+    rows: dict[str, int] = {}
+    for entry in batch:
+        handle = entry.job.handle
+        name = f"{handle.adapter_id or '(base model)'}@{handle.version}"
+        rows[name] = rows.get(name, 0) + 1
+    longest = max(len(entry.token_ids) for entry in batch)
+    return f"{len(batch)} rows x {longest} tokens, rows per adapter {rows}"
+
+
+def blame(exc: Exception, handle, adapter_at_fault: bool, shape: str = "") -> LoraplexError:
     """The error that the requests of `handle`'s failed rows get: never an untyped one (a 500).
 
-    Typed errors pass through; out of memory and a failing engine are the server's (503 with
-    Retry-After); any other failure of an adapter's rows while the engine works is that adapter's (409).
+    Typed errors pass through; out of memory and any failure not shown to be the adapter's are the
+    server's (503 with Retry-After, logged with the batch's shape); a failure of rows that run with a
+    known-good adapter of the same task is that adapter's (409 naming it).
     """
     if isinstance(exc, LoraplexError):
         return exc
@@ -404,13 +443,21 @@ def blame(exc: Exception, handle, engine_works: bool) -> LoraplexError:
             "in Retry-After, or send fewer or shorter inputs.",
             RETRY_AFTER_S,
         )
-    log.error("rows of adapter %s version %s failed", handle.adapter_id, handle.version, exc_info=exc)
-    if not engine_works:
+    if not adapter_at_fault:
+        log.error(
+            "server fault: rows of adapter %s version %s failed and no known-good adapter of task %s runs "
+            "them either; batch: %s", handle.adapter_id, handle.version, handle.task, shape, exc_info=exc,
+        )  # fmt: skip
         return UnavailableError(
-            "The server could not compute this request; retry after the time in Retry-After or on "
+            f"The server could not compute this request for adapter {handle.adapter_id!r} "
+            f"({type(exc).__name__}); the fault is the server's. Retry after the time in Retry-After or on "
             "another replica.",
             RETRY_AFTER_S,
         )
+    log.error(
+        "adapter fault: rows of adapter %s version %s failed while a known-good adapter of task %s runs "
+        "them; batch: %s", handle.adapter_id, handle.version, handle.task, shape, exc_info=exc,
+    )  # fmt: skip
     return ConflictError(
         f"Adapter {handle.adapter_id!r} (version {handle.version}) fails in this server's engine "
         f"({type(exc).__name__}); other adapters are unaffected. Upload a corrected version of it."

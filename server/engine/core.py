@@ -243,17 +243,19 @@ class Engine:
             None if types is None else types.to(self.device, non_blocking=True),
             rows,
         )
+        # Each row is copied out of the batch's host tensor: a row kept until its request is answered holds
+        # its own bytes, not the whole batch's (an embedding batch is rows x tokens x hidden floats).
         results: list[torch.Tensor | None] = [None] * len(token_ids)
         for task, positions_of_task in by_task.items():
             host = out[task].float().cpu()  # one copy to the host per task
             for k, p in enumerate(positions_of_task):
                 labels, length = self.slot_labels[slots[p]], len(token_ids[p])
                 if task == SEQ_CLS:
-                    results[p] = host[k, :labels]
+                    results[p] = host[k, :labels].clone()
                 elif task == FEATURE_EXTRACTION:
-                    results[p] = host[k, :length]
+                    results[p] = host[k, :length].clone()
                 else:
-                    results[p] = host[k, :length, :labels]
+                    results[p] = host[k, :length, :labels].clone()
         return results
 
     def warmup(self) -> None:

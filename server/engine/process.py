@@ -82,7 +82,7 @@ class _EngineProcess:
         self.settings = settings
         self.engine_factory = engine_factory
         self.address = address
-        self.metrics = Metrics(settings.metrics_max_adapters)
+        self.metrics = Metrics(settings.metrics_adapter_limit)
         self.pending: dict[tuple[bytes, int], asyncio.Task] = {}  # (worker, request id) -> its task
         self.jobs: dict[tuple[bytes, int], object] = {}  # ... -> its queued Job, once submitted
         self.stopping = asyncio.Event()
@@ -167,7 +167,8 @@ class _EngineProcess:
                 max_rank=s.max_rank,
                 max_labels=s.max_labels,
             )
-            store = await asyncio.to_thread(open_store, s.adapter_store)
+            # What the store holds is read no larger than an upload may be: a foreign object is refused.
+            store = await asyncio.to_thread(open_store, s.adapter_store, s.max_upload_bytes)
             registry = Registry(
                 store,
                 engine,
@@ -175,6 +176,7 @@ class _EngineProcess:
                 staleness_s=s.staleness_s,
                 max_rank=s.max_rank,
                 max_labels=s.max_labels,
+                max_model_bytes=s.max_upload_bytes,
             )
             for adapter_id, folder in s.preload_items():
                 try:

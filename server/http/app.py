@@ -62,10 +62,11 @@ def create_app(settings: Settings, link: EngineLink | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.link = link
-    app.state.metrics = Metrics(settings.metrics_max_adapters)
+    app.state.metrics = Metrics(settings.metrics_adapter_limit)
     app.state.phase = "loading"
     app.state.failure = None  # the exception that stopped start-up
     app.state.inflight = 0  # requests on work routes, for the drain
+    app.state.uploads = 0  # adapter uploads in progress (bounded by max_concurrent_uploads)
     app.state.client = app.state.base = None
     app.state.starting = None  # the task that connects to the engine process and loads the tokenizer
     # The worker's index (identity "w<index>-<pid>"), in the X-Loraplex-Worker header of every answer.

@@ -1,6 +1,8 @@
 """Bearer-token auth: `api_key` guards inference and reads, `admin_token` guards adapter writes.
 
-Tokens are compared in constant time and never logged; an unset API key leaves its routes open. An unset
+Tokens are compared in constant time and never logged; an unset API key leaves its routes open (settings
+refuse that on a non-loopback host unless --allow-anonymous-inference says so). A metrics token guards
+/metrics. An unset
 admin token leaves adapter writes open only on a loopback host, or with --allow-unauthenticated-writes:
 on any other interface they get 401 with a sentence on how to enable them.
 """
@@ -49,6 +51,13 @@ async def require_api_key(request: Request) -> None:
         _check(request, (settings.api_key, settings.admin_token), "this route")
 
 
+async def require_metrics_token(request: Request) -> None:
+    """/metrics: the metrics token (or the admin token), when a metrics token is set."""
+    settings = request.app.state.settings
+    if settings.metrics_token is not None:
+        _check(request, (settings.metrics_token, settings.admin_token), "/metrics")
+
+
 async def require_admin(request: Request) -> None:
     """Adapter writes (PUT, DELETE): the admin token; without one, only on loopback or when allowed."""
     settings = request.app.state.settings
@@ -66,3 +75,4 @@ async def require_admin(request: Request) -> None:
 # thread pool, a thread hop (and a wake-up of the event loop) on every request.
 ApiKeyAuth = Annotated[None, Depends(require_api_key)]
 AdminAuth = Annotated[None, Depends(require_admin)]
+MetricsAuth = Annotated[None, Depends(require_metrics_token)]

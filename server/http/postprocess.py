@@ -12,15 +12,16 @@ from pathlib import Path
 
 import numpy as np
 
-from loraplex.adapters.errors import InvalidAdapterError
+from loraplex.adapters.errors import ConflictError
 
 POOLINGS = ("mean", "cls", "max")
 
 
 def check_finite(values: np.ndarray, handle) -> None:
     if not np.isfinite(values).all():
-        # Finite weights can still overflow float32; the adapter, not the request, has to change.
-        raise InvalidAdapterError(
+        # Finite weights can still overflow float32; the adapter, not the request, has to change: a fault of
+        # the stored adapter is a 409, like every other one (a 422 would say the request is wrong).
+        raise ConflictError(
             f"Adapter {handle.adapter_id!r} (version {handle.version}) gives non-finite scores for these "
             "inputs: its weights overflow float32. Upload a corrected adapter."
         )

@@ -91,7 +91,8 @@ def windows(
     if max_rows is not None and needed > max_rows:
         raise InvalidInputError(
             f"These contexts need {needed} windows of max_seq_len={max_seq_len} tokens with "
-            f"doc_stride={doc_stride}; the server takes at most {max_rows} per request. Send shorter "
+            f"doc_stride={doc_stride}; the server takes at most {max_rows} per request (max_client_batch). "
+            "Send shorter "
             "contexts, fewer inputs or a smaller doc_stride."
         )
     encoded = tokenizer(

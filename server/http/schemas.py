@@ -314,10 +314,21 @@ class Status(BaseModel):
     status: str
 
 
+class Health(Status):
+    anonymous_inference: bool = Field(
+        description="true when inference and adapter reads need no token (no API key is configured)"
+    )
+
+
 _ERRORS = {
     400: ("malformed body", "The request body is not valid JSON: Expecting value at character 0."),
     401: ("missing or wrong bearer token", "this route needs an 'Authorization: Bearer <token>' header."),
     404: ("unknown adapter", "There is no adapter named 'tweet-sentiment'."),
+    409: (
+        "the adapter is at fault (damaged in the store, or fails or overflows in the engine)",
+        "Adapter 'tweet-sentiment' (version 3f2a9c1e0b7d) gives non-finite scores for these inputs: its "
+        "weights overflow float32. Upload a corrected adapter.",
+    ),
     413: ("body over the limit", "The request body is larger than the limit of 2097152 bytes."),
     415: ("body of the wrong media type", "Send the body as application/json, not text/plain."),
     422: ("invalid field or input", "Invalid request: inputs is an empty list; send at least one text."),
@@ -331,7 +342,8 @@ _ERRORS = {
         "The model is still loading; retry when /ready answers 200.",
     ),
 }
-ERROR_TYPES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 413: "payload_too_large"}
+ERROR_TYPES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 409: "conflict"}
+ERROR_TYPES |= {413: "payload_too_large"}
 ERROR_TYPES |= {415: "unsupported_media_type", 422: "validation", 429: "overloaded", 503: "unavailable"}
 ERROR_RESPONSES = {
     code: {

@@ -12,6 +12,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from loraplex.adapters.errors import (
     BadRequestError,
     InvalidAdapterError,
+    OverloadedError,
     PayloadTooLargeError,
     UnsupportedMediaError,
 )
@@ -110,6 +111,9 @@ class AdapterList(BaseModel):
     adapters: list[AdapterInfo]
 
 
+UPLOAD_RETRY_AFTER_S = 1
+
+
 def _client(request: Request):
     return request.app.state.client
 
@@ -127,8 +131,24 @@ async def put_adapter(
 ) -> AdapterInfo:
     """multipart/form-data: `adapter_config` (file), `adapter_model` (file), optional `labels` (JSON array).
 
-    201 when created, 200 when replaced. Nothing of a rejected upload is stored.
+    201 when created, 200 when replaced. Nothing of a rejected upload is stored. Past
+    `max_concurrent_uploads` uploads in progress in this worker: 429 with Retry-After.
     """
+    state = request.app.state
+    if state.uploads >= state.settings.max_concurrent_uploads:
+        raise OverloadedError(
+            f"{state.uploads} adapter uploads are in progress here, the most this server takes at once; "
+            f"retry after the time in Retry-After.",
+            UPLOAD_RETRY_AFTER_S,
+        )
+    state.uploads += 1
+    try:
+        return await _put_adapter(adapter_id, request, response)
+    finally:
+        state.uploads -= 1
+
+
+async def _put_adapter(adapter_id: str, request: Request, response: Response) -> AdapterInfo:
     check_adapter_id(adapter_id)
     limit = request.app.state.settings.max_upload_bytes
     if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):

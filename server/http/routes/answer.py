@@ -44,7 +44,8 @@ async def answer(request: Request, _auth: ApiKeyAuth) -> Response:
             max_seq_len=body.max_seq_len or limit,
             doc_stride=body.doc_stride,
             max_question_len=body.max_question_len,
-            max_rows=request.app.state.settings.max_queued,
+            # Each window is a row of the engine: a request gets no more rows than max_client_batch inputs.
+            max_rows=request.app.state.settings.max_client_batch,
         )
 
     run = await infer(request, body.adapter_id, "/answer", tokenize)

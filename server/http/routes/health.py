@@ -1,4 +1,5 @@
-"""Operations routes: liveness, readiness, Prometheus metrics. Always open, never queued."""
+"""Operations routes: liveness, readiness, Prometheus metrics. Never queued; /metrics needs the metrics
+token when one is set."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from loraplex.adapters.errors import LoraplexError
+from loraplex.http.auth import MetricsAuth
 from loraplex.http.errors import error_response
-from loraplex.http.schemas import ErrorBody, Status
+from loraplex.http.schemas import ERROR_RESPONSES, ErrorBody, Health, Status
 
 router = APIRouter(tags=["operations"])
 STATS_TIMEOUT_S = 2.0  # a scrape does not wait longer than this for the engine process's gauges
@@ -22,10 +24,10 @@ _NOT_READY = {
 }
 
 
-@router.get("/health", response_model=Status)
-async def health() -> dict:
-    """200 while the process serves requests."""
-    return {"status": "ok"}
+@router.get("/health", response_model=Health)
+async def health(request: Request) -> dict:
+    """200 while the process serves requests; says whether inference is open to anyone."""
+    return {"status": "ok", "anonymous_inference": request.app.state.settings.anonymous_inference}
 
 
 _NOT_READY_RESPONSE = {
@@ -60,10 +62,11 @@ _METRICS_EXAMPLE = (
         200: {
             "description": "Prometheus text exposition format",
             "content": {"text/plain": {"schema": {"type": "string"}, "example": _METRICS_EXAMPLE}},
-        }
+        },
+        401: {**ERROR_RESPONSES[401], "description": "a metrics token is set and the request lacks it"},
     },
 )
-async def metrics(request: Request) -> Response:
+async def metrics(request: Request, _: MetricsAuth) -> Response:
     """Prometheus text format; every metric starts with `loraplex_`: every process of the server."""
     state = request.app.state
     stats = None
