@@ -113,3 +113,27 @@ def test_the_head_equals_a_loop_over_rows(layout, slots, tokens):
     torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
     # Every slot's head differs, so a row read from another slot's head would show.
     assert not torch.allclose(got, _loop(head, x, [(s + 1) % SLOTS for s in slots]))
+
+
+def test_only_the_layers_an_adapter_targets_run_its_lora():
+    """In a whole model: a query/value adapter on one layer makes that layer's qkv the only one with a
+    rank in the pass; every other linear (and every linear for the empty slot) runs its frozen matmul."""
+    from loraplex.engine.core import Engine
+
+    engine = Engine(device="cpu", num_slots=2)
+    g = torch.Generator().manual_seed(0)
+    linear, _ = engine.model.targets["encoder.layer.1.attention.self.query"]
+    for part in (0, 2):  # query and value
+        linear.write(
+            1, part, torch.randn(4, linear.in_features, generator=g), torch.randn(linear.part_out, 4)
+        )
+    engine.slot_rank[1] = 4
+    batch = engine.model.batch([1, 1, engine.empty_slot], engine.slot_rank)
+    assert batch.layer_rank[linear.layer_id] == 4
+    assert sum(1 for r in batch.layer_rank if r) == 1
+    layers = {module for module, _ in engine.model.targets.values()}
+    assert len(batch.layer_rank) == len(layers) > 1
+    assert not any(engine.model.batch([engine.empty_slot, 0], engine.slot_rank).layer_rank)
+    linear.write(1, 0, None, None)  # cleared parts: the table follows
+    linear.write(1, 2, None, None)
+    assert not any(engine.model.batch([1], engine.slot_rank).layer_rank)

@@ -197,7 +197,8 @@ def add_lora(
     flat_y = y.view(rows * tokens, out_features)
     block_r = rank_block(rank)
     h = torch.empty(rows * tokens, parts, block_r, device=x.device, dtype=torch.float32)
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    # float32: exact float32 products, as torch's matmul gives by default; 16-bit inputs: the default.
+    precision = "ieee" if x.dtype == torch.float32 else None
     # Triton's interpreter multiplies 16-bit floats as their bit patterns; there the operands go to float32
     # first, which gives the same products (a 16-bit float times another is exact in float32).
     upcast = os.environ.get("TRITON_INTERPRET") == "1"
