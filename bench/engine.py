@@ -4,6 +4,7 @@
     python bench/engine.py --model bert-base        # also modernbert-base, deberta-v3-base
     python bench/engine.py --dtype int8             # the engine in bfloat16 or int8 (PEFT stays float32)
     python bench/engine.py --device cuda --dtype float16   # all variants on the GPU in that precision
+    python bench/engine.py --ks 64 --engine-only   # the bare model and the engine only (no PEFT): quick
 
 (a) the bare Hugging Face model, no LoRA; (b) the loraplex engine with K distinct rank-8 adapters on every
 linear layer (or on `--targets`, e.g. `query,value`); (c) PEFT's mixed-batch inference
@@ -64,6 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--targets", default=None, help="comma list of modules the adapters target (default: every linear)"
     )
+    parser.add_argument(
+        "--engine-only",
+        action="store_true",
+        help="time the bare model and the engine only, not PEFT (c, d): a quick engine comparison",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
 
@@ -114,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         slots = [i % k for i in range(args.rows)]
         names = [f"a{s}" for s in slots]
         fns[f"b: engine K={k}"] = lambda slots=slots: engine.classify(ids, slots)
+        if args.engine_only:
+            continue
         fns[f"c: peft mixed K={k}"] = lambda names=names: peft(**batch, adapter_names=names)
         if device.type == "cuda":
             continue

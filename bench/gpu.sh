@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# On one CUDA GPU, in one run: the CUDA-marked tests, the serving benchmark (64 adapters, 256 and 64
-# closed-loop clients) and the engine benchmarks (MiniLM and the bert-base shape), all in bfloat16, then
-# one table of the figures.
+# On one CUDA GPU, in one run: the golden tests on CUDA (LORAPLEX_TEST_DEVICE=cuda: every family, every
+# task in one mixed batch, the LoRA op and its fused kernels, and the CUDA-marked tests) with the fused
+# LoRA kernels off and on (LORAPLEX_TRITON_LORA=0/1), then the engine benchmarks (MiniLM and the bert-base
+# shape, bfloat16) with the kernels off and on, then one table of the figures. The serving benchmark (64
+# adapters, 256 and 64 closed-loop clients) runs when SERVING=1.
 #
-#     bench/gpu.sh                    # SECONDS_PER_LEVEL=10 REPS=5; the server's default --workers
-#     WORKERS=4 bench/gpu.sh          # loraplex serve --workers 4; WORKERS="2 8": one serving run each
+#     bench/gpu.sh                    # REPS=5; tests, then the engine benchmarks
+#     SERVING=1 bench/gpu.sh          # the serving benchmark too; WORKERS=4: loraplex serve --workers 4
 #     DTYPES="float16 bfloat16" bench/gpu.sh   # the engine benchmarks in float16 too
+#     TRITON="0" bench/gpu.sh         # the engine benchmarks without the fused kernels only
 #
-# Expected time on one H200 with 16 cores: about 4-5 minutes (tests about 1, serving about 1.5, the two
-# engine runs about 2), each more WORKERS value about 1.5 more, float16 about 2 more. Every step runs
-# under a time limit and the whole run stops starting steps after LIMIT_S (default 420 s), so that it ends
-# within 8 minutes even when a step hangs; a step it cuts or skips is reported as failed.
+# The golden tests here leave out those that start a live server (the family tests' check_live_server and
+# the per-task HTTP tests), which would take most of the run; `LORAPLEX_TEST_DEVICE=cuda python -m pytest
+# tests/test_task_classify.py` runs those on the GPU. Every step runs under a time limit and the whole run
+# stops starting steps after LIMIT_S (default 450 s), so that it ends within 8 minutes even when a step
+# hangs; a step it cuts or skips is reported as failed.
 #
 # Every figure comes from this one run; the output of each step and the JSON go to bench/out/gpu/. A failed
 # benchmark does not stop the run or hide the tests' result, which is printed again at the end. Exit
@@ -24,7 +28,9 @@ REPS=${REPS:-5}
 SECONDS_PER_LEVEL=${SECONDS_PER_LEVEL:-10}
 CLIENTS=${CLIENTS:-256,64}
 WORKERS=${WORKERS:-}
-LIMIT_S=${LIMIT_S:-420}
+SERVING=${SERVING:-0}
+TRITON=${TRITON:-"0 1"}
+LIMIT_S=${LIMIT_S:-450}
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 mkdir -p "$OUT"
 rm -f "$OUT"/*.json "$OUT"/*.log "$OUT"/*.xml
@@ -66,10 +72,21 @@ step() {
     fi
 }
 
-step cuda-tests 180 python -m pytest -q -m cuda -p no:cacheprovider --junitxml "$OUT/cuda-tests.xml"
-tests_rc=$rc
+# The golden tests on CUDA, engine-level (no live servers), then the CUDA-marked tests of other files.
+GOLDEN=(tests/test_family_*.py tests/test_task_mixed.py tests/test_engine.py tests/test_lora_ops.py
+    tests/test_lora_batch.py tests/test_lora_triton.py)
+# The CUDA-marked tests of other files (a `-m cuda` run lists them).
+CUDA_MARKED=(tests/test_serving_processes.py::test_the_server_on_cuda_answers_as_the_engine_on_the_cpu)
+tests_rc=0
+for triton in 0 1; do
+    step "cuda-tests-triton-$triton" 150 env LORAPLEX_TEST_DEVICE=cuda LORAPLEX_TRITON_LORA=$triton \
+        python -m pytest -q -p no:cacheprovider -k "not live_server" --junitxml "$OUT/cuda-tests-$triton.xml" \
+        "${GOLDEN[@]}" "${CUDA_MARKED[@]}"
+    if ((rc != 0)); then tests_rc=$rc; fi
+done
 
 for workers in ${WORKERS:-default}; do
+    ((SERVING)) || break
     workers_arg=()
     [[ $workers != default ]] && workers_arg=(--workers "$workers")
     step "serving-bfloat16-workers-$workers" 180 python bench/serving.py --device cuda --dtype bfloat16 \
@@ -79,8 +96,11 @@ done
 
 for dtype in $DTYPES; do
     for model in $MODELS; do
-        step "engine-$model-$dtype" 150 python bench/engine.py --device cuda --dtype "$dtype" \
-            --model "$model" --reps "$REPS" --json "$OUT/engine-$model-$dtype.json"
+        for triton in $TRITON; do
+            step "engine-$model-$dtype-triton-$triton" 75 env LORAPLEX_TRITON_LORA=$triton python bench/engine.py \
+                --device cuda --dtype "$dtype" --model "$model" --ks 1,64 --reps "$REPS" \
+                --json "$OUT/engine-$model-$dtype-triton-$triton.json"
+        done
     done
 done
 
@@ -91,15 +111,17 @@ from pathlib import Path
 
 out = Path(sys.argv[1])
 fmt = lambda v, spec=".1f": "-" if v is None else format(v, spec)
-print("| engine (seq/s) | dtype | bare | engine, no adapter | engine K=1 | engine K=64 | PEFT mixed K=64 | engine/PEFT mixed |")
-print("|---|---|---|---|---|---|---|---|")
+print("| engine (seq/s) | dtype | fused LoRA | bare | engine, no adapter | engine K=1 | engine K=64 "
+      "| PEFT mixed K=64 | K=64 / no adapter |")
+print("|---|---|---|---|---|---|---|---|---|")
 for path in sorted(out.glob("engine-*.json")):
     r = json.loads(path.read_text())
     s = r["seq_per_s"]
-    mixed, ours = s.get("c: peft mixed K=64"), s.get("b: engine K=64")
-    cells = [s.get("a: bare model"), s.get("engine, no adapter"), s.get("b: engine K=1"), ours, mixed]
-    ratio = ours / mixed if ours and mixed else None
-    print(f"| {r['model']} | {r['dtype']} | " + " | ".join(map(fmt, cells)) + f" | {fmt(ratio, '.2f')} |")
+    base, ours = s.get("engine, no adapter"), s.get("b: engine K=64")
+    cells = [s.get("a: bare model"), base, s.get("b: engine K=1"), ours, s.get("c: peft mixed K=64")]
+    ratio = ours / base if ours and base else None
+    fused = "on" if path.stem.endswith("triton-1") else "off"
+    print(f"| {r['model']} | {r['dtype']} | {fused} | " + " | ".join(map(fmt, cells)) + f" | {fmt(ratio, '.2f')} |")
 print("\n| serving, 64 adapters | workers | clients | req/s | p50 ms | p99 ms | mean batch | vs engine-only "
       "| server CPU/req | load generator |")
 print("|---|---|---|---|---|---|---|---|---|---|")
@@ -116,7 +138,7 @@ for path in sorted(out.glob("serving-*.json")):
 EOF
 
 echo
-echo "CUDA-marked tests: $( ((tests_rc == 0)) && echo passed || echo "FAILED (exit $tests_rc)") (log: $OUT/cuda-tests.log)"
+echo "CUDA tests (fused LoRA off and on): $( ((tests_rc == 0)) && echo passed || echo "FAILED (exit $tests_rc)") (logs: $OUT/cuda-tests-triton-*.log)"
 if ((${#failed[@]})); then
     printf 'failed: %s\n' "${failed[@]}"
 fi

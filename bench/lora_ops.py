@@ -47,7 +47,7 @@ def time_linear(inp: int, out: int, parts: int, args, g: torch.Generator):
     results = []
     for k in (int(k) for k in args.ks.split(",")):
         idx = torch.sort(torch.arange(args.rows) % k).values  # rows ordered by slot, as the engine's
-        segments = slot_segments(idx)
+        segments = slot_segments(idx.tolist())
 
         def gathered(idx=idx):
             return gathered_lora_linear(x, weight, bias, lora_A, lora_B, idx, args.rank, packed)

@@ -2,8 +2,9 @@
 
 A family's test builds its model with the family's own config class (`save_model`), saves PEFT
 adapters on it (`tests.peft_factory.save_peft_adapter(..., model_dir=...)`) and calls `check_mixed_batch`
-and `check_live_server`: every row of a mixed batch, and a live server's answer, within 1e-5 (fp32
-probabilities) of `PeftModel` with that adapter alone.
+and `check_live_server`: every row of a mixed batch, and a live server's answer, within TOLERANCE
+(fp32 probabilities, `tests.device_support`: 1e-5 on the CPU) of `PeftModel` with that adapter alone, the
+engines on LORAPLEX_TEST_DEVICE.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from transformers import AutoModel, PretrainedConfig
 
 from loraplex.adapters.peft import AdapterWeights, parse_adapter
 from loraplex.engine.core import Engine
+from tests.device_support import DEVICE, TOLERANCE
 from tests.live_server import LiveServer
 from tests.peft_factory import peft_logits, tokenizer
 
@@ -29,7 +31,6 @@ TEXTS = [
     "meh",
     "Absolutely fantastic concert last night, the band played every song I wanted to hear",
 ]
-TOLERANCE = 1e-5
 
 
 def tiny_config_kwargs() -> dict:
@@ -57,7 +58,7 @@ def load_adapter(path: Path, engine: Engine) -> AdapterWeights:
 
 def check_mixed_batch(model_dir: Path, adapter_dirs: list[Path], group_tokens: list[int | None]) -> None:
     """All adapters in one batch, rows of every length interleaved: each row equals PEFT for its adapter."""
-    engine = Engine(model_dir, device="cpu", num_slots=len(adapter_dirs), max_rank=64)
+    engine = Engine(model_dir, device=DEVICE, num_slots=len(adapter_dirs), max_rank=64)
     expected = [torch.softmax(peft_logits(path, TEXTS, model_dir), -1) for path in adapter_dirs]
     for slot, path in enumerate(adapter_dirs):
         engine.load_slot(slot, load_adapter(path, engine))
@@ -83,8 +84,18 @@ def check_live_server(model_dir: Path, adapter_dir: Path, store: Path) -> None:
     from tests.lifecycle_support import upload
 
     want = torch.softmax(peft_logits(adapter_dir, TEXTS, model_dir), -1)
+    args = [
+        "--model",
+        str(model_dir),
+        "--device",
+        DEVICE,
+        "--adapter-store",
+        str(store),
+        "--max-resident",
+        "2",
+    ]
     with (
-        LiveServer("--model", str(model_dir), "--adapter-store", str(store), "--max-resident", "2") as server,
+        LiveServer(*args) as server,
         httpx.Client(base_url=server.url, timeout=60) as client,
     ):
         response = upload(client, "family-adapter", adapter_dir)

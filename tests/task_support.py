@@ -15,6 +15,7 @@ from transformers import (
     AutoModelForTokenClassification,
 )
 
+from tests.device_support import DEVICE
 from tests.live_server import LiveServer
 
 MODELS = {
@@ -82,4 +83,5 @@ def peft_model(adapter_dir: Path, task: str, model_dir=MODEL_DIR):
 
 def serve(store: Path, adapters: dict[str, Path], *args: str) -> LiveServer:
     preload = [arg for name, path in adapters.items() for arg in ("--preload", f"{name}={path}")]
-    return LiveServer("--adapter-store", str(store), "--max-wait-ms", "20", *preload, *args).start()
+    device = ("--device", DEVICE)  # the engine where the golden tests run (tests.device_support)
+    return LiveServer("--adapter-store", str(store), "--max-wait-ms", "20", *device, *preload, *args).start()

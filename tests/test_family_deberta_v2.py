@@ -19,6 +19,7 @@ from transformers import DebertaV2Config
 from loraplex.adapters.errors import InvalidAdapterError
 from loraplex.adapters.peft import parse_adapter
 from loraplex.engine.core import Engine
+from tests.device_support import DEVICE
 from tests.family_support import check_live_server, check_mixed_batch, save_model, tiny_config_kwargs
 from tests.peft_factory import save_peft_adapter
 
@@ -93,7 +94,7 @@ def test_v2_layers_match_peft(tmp_path):
         save_peft_adapter(tmp_path / "a0", seed=0, model_dir=model_dir, modules_to_save=HEAD, **SPECS[1]),
         save_peft_adapter(tmp_path / "a1", seed=1, model_dir=model_dir, modules_to_save=HEAD, **SPECS[0]),
     ]
-    engine = Engine(model_dir, device="cpu", num_slots=1)
+    engine = Engine(model_dir, device=DEVICE, num_slots=1)
     v2_only = {"embeddings.embed_proj", "encoder.layer.0.attention.self.pos_key_proj"}
     assert v2_only <= set(engine.base.targets)
     check_mixed_batch(model_dir, adapters, group_tokens=[None, 40])
@@ -116,6 +117,6 @@ def test_adapter_without_pooler_is_rejected(family, tmp_path, targets):
     """PEFT's default modules_to_save ("classifier") does not save the pooler: the error says what to add."""
     model_dir, _ = family
     adapter = save_peft_adapter(tmp_path / "a", model_dir=model_dir, target_modules=targets, num_labels=2)
-    engine = Engine(model_dir, device="cpu", num_slots=1)
+    engine = Engine(model_dir, device=DEVICE, num_slots=1)
     with pytest.raises(InvalidAdapterError, match=r"modules_to_save=\['pooler', 'classifier'\]"):
         parse(adapter, engine)

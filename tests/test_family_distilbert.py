@@ -17,6 +17,7 @@ from transformers import DistilBertConfig
 from loraplex.adapters.errors import InvalidAdapterError
 from loraplex.adapters.peft import parse_adapter
 from loraplex.engine.core import Engine
+from tests.device_support import DEVICE
 from tests.family_support import (
     check_live_server,
     check_mixed_batch,
@@ -64,7 +65,7 @@ def family(tmp_path_factory):
 @pytest.fixture(scope="module")
 def engine(family):
     model_dir, _ = family
-    return Engine(model_dir, device="cpu", num_slots=2)
+    return Engine(model_dir, device=DEVICE, num_slots=2)
 
 
 def saved(adapter_dir):

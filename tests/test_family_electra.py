@@ -16,6 +16,7 @@ from transformers import ElectraConfig
 from loraplex.adapters.errors import InvalidAdapterError
 from loraplex.adapters.peft import parse_adapter
 from loraplex.engine.core import Engine
+from tests.device_support import DEVICE
 from tests.family_support import check_live_server, check_mixed_batch, save_model, tiny_config_kwargs
 from tests.peft_factory import save_peft_adapter
 
@@ -95,7 +96,7 @@ def test_live_server_matches_peft(family, tmp_path):
 def test_all_linear_matches_what_peft_saved(family):
     """all-linear: every encoder linear, embeddings_project where there is one; the head saved whole."""
     for name, (model_dir, adapters) in family.items():
-        engine = Engine(model_dir, device="cpu", num_slots=1)
+        engine = Engine(model_dir, device=DEVICE, num_slots=1)
         config, tensors = _parts(adapters[1])
         lora = {
             k.removeprefix("base_model.model.electra.").rsplit(".lora_", 1)[0]
@@ -116,7 +117,7 @@ def test_all_linear_matches_what_peft_saved(family):
 def test_head_without_its_dense_is_rejected(family):
     """The base checkpoint holds no classifier.dense, so an adapter must save it; the error says how."""
     model_dir, adapters = family["same"]
-    engine = Engine(model_dir, device="cpu", num_slots=1)
+    engine = Engine(model_dir, device=DEVICE, num_slots=1)
     config, tensors = _parts(adapters[0])
     tensors = {k: v for k, v in tensors.items() if ".classifier.dense." not in k}
     with pytest.raises(InvalidAdapterError, match=r"classifier\.dense.*modules_to_save=\['classifier'\]"):
@@ -127,7 +128,7 @@ def test_projection_adapter_on_a_base_without_projection_is_rejected(family):
     """LoRA on embeddings_project cannot be dropped silently on a base whose embeddings need no lift."""
     model_dir, _ = family["same"]
     _, adapters = family["projected"]
-    engine = Engine(model_dir, device="cpu", num_slots=1)
+    engine = Engine(model_dir, device=DEVICE, num_slots=1)
     config, tensors = _parts(adapters[2])
     with pytest.raises(InvalidAdapterError, match="embeddings_project"):
         parse_adapter(config, tensors, engine.base)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from loraplex.client import Answer, AsyncClient, Client, ValidationError
+from tests.device_support import TOLERANCE
 from tests.peft_factory import tokenizer
 from tests.task_support import peft_model, save_task_adapter, serve
 
@@ -123,7 +124,7 @@ def assert_same(got: list[list[dict]], want: list[list[dict]]) -> None:
             (a["answer"], a["start"], a["end"]) for a in want_row
         ]
         for a, b in zip(got_row, want_row, strict=True):
-            assert abs(a["score"] - b["score"]) <= 1e-5, (a, b)
+            assert abs(a["score"] - b["score"]) <= TOLERANCE, (a, b)
 
 
 def test_peft_runs_question_answering_without_token_types(adapters):
@@ -222,7 +223,7 @@ def test_handle_impossible_answer_ranks_the_null_answer(srv, adapters):
     assert [a["score"] for a in got] == sorted((a["score"] for a in got), reverse=True)
     scores = {(a["answer"], a["start"], a["end"]): a["score"] for a in got}
     for a in want[0]:
-        assert abs(scores[a["answer"], a["start"], a["end"]] - a["score"]) <= 1e-5, a
+        assert abs(scores[a["answer"], a["start"], a["end"]] - a["score"]) <= TOLERANCE, a
     assert [a["start"] for a in got if a["answer"] == ""] == [0]
 
 

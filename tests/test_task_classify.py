@@ -9,6 +9,7 @@ import httpx
 import pytest
 import torch
 
+from tests.device_support import TOLERANCE
 from tests.peft_factory import tokenizer
 from tests.task_support import peft_model, save_task_adapter, serve
 
@@ -62,7 +63,7 @@ def test_pairs_use_token_types_and_match_peft(srv, adapters):
     response = post(srv, {"adapter_id": "nli", "inputs": PAIRS})
     assert response.status_code == 200, response.text
     want = torch.softmax(reference(adapters["nli"], PAIRS), -1)
-    torch.testing.assert_close(scores(response.json()), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(scores(response.json()), want, atol=TOLERANCE, rtol=0)
     # The pairs' second texts get token type 1: without token types PEFT gives other scores.
     batch = tokenizer()([p[0] for p in PAIRS], [p[1] for p in PAIRS], padding=True, return_tensors="pt")
     batch["token_type_ids"].zero_()
@@ -71,9 +72,9 @@ def test_pairs_use_token_types_and_match_peft(srv, adapters):
     assert (untyped - want).abs().max() > 1e-4
     # A pair and a plain text in one request: each as it is alone.
     mixed = post(srv, {"adapter_id": "nli", "inputs": [PAIRS[0], TEXTS[0]]}).json()
-    torch.testing.assert_close(scores(mixed)[0], want[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(scores(mixed)[0], want[0], atol=TOLERANCE, rtol=0)
     alone = torch.softmax(reference(adapters["nli"], [TEXTS[0]]), -1)[0]
-    torch.testing.assert_close(scores(mixed)[1], alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(scores(mixed)[1], alone, atol=TOLERANCE, rtol=0)
 
 
 def test_multi_label_is_a_sigmoid_per_label_with_a_threshold(srv, adapters):
@@ -81,7 +82,7 @@ def test_multi_label_is_a_sigmoid_per_label_with_a_threshold(srv, adapters):
     labels = ["seq_cls_2_0", "seq_cls_2_1", "seq_cls_2_2", "seq_cls_2_3"]
     for threshold in (0.5, 0.3):
         body = post(srv, {"adapter_id": "tags", "inputs": TEXTS, "threshold": threshold}).json()
-        torch.testing.assert_close(scores(body), want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(scores(body), want, atol=TOLERANCE, rtol=0)
         for result, row in zip(body["results"], want, strict=True):
             assert result["labels"] == [name for name, p in zip(labels, row, strict=True) if p >= threshold]
     # The sigmoids of one row do not sum to one, as a softmax would.
@@ -92,7 +93,7 @@ def test_one_label_is_a_raw_score(srv, adapters):
     body = post(srv, {"adapter_id": "stars", "inputs": TEXTS}).json()
     want = reference(adapters["stars"], TEXTS)[:, 0]
     got = torch.tensor([r["score"] for r in body["results"]])
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got, want, atol=TOLERANCE, rtol=0)
     assert (want.abs() != 1).all()  # a softmax over one label would give 1.0
 
 
@@ -113,7 +114,7 @@ def test_truncated_flag_and_direction(srv, adapters):
         tok.truncation_side = direction
         parts = ([LONG, TEXTS[0]], [inputs[2]])
         want = torch.cat([torch.softmax(reference(adapters["nli"], i, tok=tok), -1) for i in parts])
-        torch.testing.assert_close(scores(body), want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(scores(body), want, atol=TOLERANCE, rtol=0)
     right = post(srv, {"adapter_id": "nli", "inputs": LONG}).json()["results"][0]["scores"]
     left = post(srv, {"adapter_id": "nli", "inputs": LONG, "truncation_direction": "left"}).json()
     assert right != left["results"][0]["scores"]

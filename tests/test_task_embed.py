@@ -17,6 +17,7 @@ from transformers import AutoModel
 from loraplex.adapters.peft import parse_adapter
 from loraplex.engine.core import Engine
 from loraplex.http.inputs import encode
+from tests.device_support import DEVICE, TOLERANCE
 from tests.peft_factory import tokenizer
 from tests.task_support import peft_model, save_task_adapter, serve
 
@@ -71,14 +72,14 @@ def test_base_model_embeddings_follow_its_sentence_transformers_config(srv):
     # all-MiniLM-L6-v2 declares mean pooling and a Normalize module.
     assert body["pooling"] == "mean" and body["normalize"] is True and body["adapter_id"] is None
     want = mean_pooled(AutoModel.from_pretrained(MODEL_DIR).eval(), TEXTS, normalize=True)
-    torch.testing.assert_close(vectors(body), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(vectors(body), want, atol=TOLERANCE, rtol=0)
 
 
 def test_adapter_embeddings_match_peft_for_every_pooling(srv, adapters):
     model = peft_model(adapters["emb"], "FEATURE_EXTRACTION")
     body = post(srv, "/embed", {"adapter_id": "emb", "inputs": TEXTS, "normalize": False}).json()
     want = mean_pooled(model, TEXTS, normalize=False)
-    torch.testing.assert_close(vectors(body), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(vectors(body), want, atol=TOLERANCE, rtol=0)
     base = post(srv, "/embed", {"inputs": TEXTS, "normalize": False}).json()
     assert (vectors(base) - want).abs().max() > 1e-3  # the adapter changes the vectors
     hidden, mask = hidden_states(model, TEXTS)
@@ -90,7 +91,7 @@ def test_adapter_embeddings_match_peft_for_every_pooling(srv, adapters):
     for pooling, want in expected.items():
         asked = {"adapter_id": "emb", "inputs": TEXTS, "pooling": pooling, "normalize": True}
         got = vectors(post(srv, "/embed", asked).json())
-        torch.testing.assert_close(got, F.normalize(want, dim=-1), atol=1e-5, rtol=0)
+        torch.testing.assert_close(got, F.normalize(want, dim=-1), atol=TOLERANCE, rtol=0)
 
 
 def test_openai_embeddings_shape(srv, adapters):
@@ -99,7 +100,7 @@ def test_openai_embeddings_shape(srv, adapters):
     assert [d["index"] for d in body["data"]] == [0, 1, 2]
     got = torch.tensor([d["embedding"] for d in body["data"]])
     want = mean_pooled(peft_model(adapters["emb"], "FEATURE_EXTRACTION"), TEXTS, normalize=True)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got, want, atol=TOLERANCE, rtol=0)
     tokens = sum(len(ids) for ids in tokenizer()(TEXTS)["input_ids"])
     assert body["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
     base = post(srv, "/v1/embeddings", {"model": "sentence-transformers/all-MiniLM-L6-v2", "input": "hi"})
@@ -115,7 +116,9 @@ def test_rerank_sorts_by_the_cross_encoder(srv, adapters):
     order = sorted(range(len(TEXTS)), key=lambda i: -want[i])
     assert [r["index"] for r in results] == order
     assert [r["text"] for r in results] == [TEXTS[i] for i in order]
-    torch.testing.assert_close(torch.tensor([r["score"] for r in results]), want[order], atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        torch.tensor([r["score"] for r in results]), want[order], atol=TOLERANCE, rtol=0
+    )
     top = post(srv, "/rerank", {**body, "top_n": 1, "return_text": False}).json()["results"]
     assert [r["index"] for r in top] == order[:1] and "text" not in top[0]
 
@@ -150,7 +153,7 @@ def test_unknown_adapter_is_a_404(srv):
 
 def test_tasks_share_one_forward_pass(adapters):
     """Embedding, cross-encoder (pairs) and classification rows mixed in one batch: each as alone."""
-    engine = Engine(device="cpu", num_slots=3)
+    engine = Engine(device=DEVICE, num_slots=3)
     slots = {"emb": 0, "cross": 1, "sent": 2}
     for name, slot in slots.items():
         path = adapters[name]
@@ -164,7 +167,7 @@ def test_tasks_share_one_forward_pass(adapters):
     for (r, s), got in zip(plan, mixed, strict=True):
         alone = engine.classify([rows[r]], [s])[0]
         assert got.shape == alone.shape
-        assert (got - alone).abs().max() <= 1e-5, (r, s)
+        assert (got - alone).abs().max() <= TOLERANCE, (r, s)
 
 
 def test_client_methods(srv):

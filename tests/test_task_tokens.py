@@ -17,6 +17,7 @@ from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegac
 
 from loraplex.client import AsyncClient, Client, Entities, Entity
 from loraplex.client import ValidationError as ClientValidationError
+from tests.device_support import TOLERANCE
 from tests.family_support import save_model, tiny_config_kwargs
 from tests.peft_factory import ALL_LINEAR, tokenizer
 from tests.task_support import peft_model, save_task_adapter, serve
@@ -33,7 +34,6 @@ TEXTS = [
 ]
 LONG = " ".join(f"Person{i} visited Town{i}." for i in range(150))
 AGGREGATIONS = ["none", "simple", "first", "average", "max"]
-TOLERANCE = 1e-5
 
 
 @pytest.fixture(scope="module")

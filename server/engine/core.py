@@ -19,6 +19,7 @@ import ctypes
 import ctypes.util
 import functools
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -84,6 +85,23 @@ def keep_freed_memory() -> bool:
     return bool(mmap and mallopt(M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD))
 
 
+def fused_lora_enabled(device: torch.device) -> bool:
+    """Whether LORAPLEX_TRITON_LORA=1 asks for the fused LoRA kernels and they run here (CUDA, Triton)."""
+    if os.environ.get("LORAPLEX_TRITON_LORA", "0") != "1":
+        return False
+    if device.type != "cuda":
+        log.warning(
+            "LORAPLEX_TRITON_LORA=1: the fused LoRA kernels run on CUDA only; %s uses torch's ops", device
+        )
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        log.warning("LORAPLEX_TRITON_LORA=1 but Triton is not installed; using torch's ops")
+        return False
+    return True
+
+
 def resolve_device(device: str | None) -> torch.device:
     if device in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -136,7 +154,8 @@ class Engine:
         self.model.to(self.device)
         # The frozen matmuls' kind ("onednn", "int8", "plain"), each checked at start with a fallback.
         self.matmul = self.model.pack(int8=dtype == "int8") if self.device.type == "cpu" else "plain"
-        if dtype != "float32" and self.matmul != ("int8" if dtype == "int8" else "onednn"):
+        cpu = self.device.type == "cpu"
+        if cpu and dtype != "float32" and self.matmul != ("int8" if dtype == "int8" else "onednn"):
             log.warning(
                 "dtype %s: this CPU's frozen matmuls fell back to %s, which may be slower than float32; "
                 "compare with --dtype float32 here.",
@@ -147,6 +166,8 @@ class Engine:
         self.group_tokens: int | None = CPU_GROUP_TOKENS if self.device.type == "cpu" else None
         self.group_cost_tokens = max(4, round(CPU_GROUP_COST_TOKENS_AT_384 * (384 / config.hidden_size) ** 2))
         self.slot_rank = [0] * (num_slots + 1)
+        # The LoRA deltas through the fused kernels (CUDA, LORAPLEX_TRITON_LORA=1 and Triton installed).
+        self.fused_lora = fused_lora_enabled(self.device)
         self.slot_labels = [0] * (num_slots + 1)
         # What each slot computes; the empty slot is the base model itself: its hidden states.
         self.slot_task = [SEQ_CLS] * num_slots + [FEATURE_EXTRACTION]
@@ -230,18 +251,16 @@ class Engine:
         types = None
         if any(s < len(row) for s, row in zip(starts, token_ids, strict=True)):
             types = ((positions >= torch.tensor(starts)[:, None]) & mask).long()  # [B, T]
-        rank = max(self.slot_rank[s] for s in slots)
-        idx = torch.tensor(slots, dtype=torch.long)
         tasks = [self.slot_task[s] for s in slots]
         by_task = {task: [p for p, t in enumerate(tasks) if t == task] for task in dict.fromkeys(tasks)}
-        rows = {t: None if len(by_task) == 1 else torch.tensor(p).to(self.device) for t, p in by_task.items()}
+        # Segments, per-layer ranks and every index tensor of the pass (task subsets too): built here on
+        # the host from the slot list, copied to the device once.
+        batch = self.model.batch(slots, self.slot_rank, by_task, fused=self.fused_lora)
         out = self.model(
             input_ids.to(self.device, non_blocking=True),
             mask.to(self.device, non_blocking=True),
-            idx.to(self.device, non_blocking=True),
-            rank,
+            batch,
             None if types is None else types.to(self.device, non_blocking=True),
-            rows,
         )
         # Each row is copied out of the batch's host tensor: a row kept until its request is answered holds
         # its own bytes, not the whole batch's (an embedding batch is rows x tokens x hidden floats).

@@ -21,6 +21,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from loraplex.adapters.peft import QUESTION_ANS, SEQ_CLS, TOKEN_CLS
+from loraplex.engine.lora_batch import LoraBatch
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ def head_tensors(stages: tuple[HeadStage, ...], hidden: int) -> dict[str, tuple[
 
 
 class SlotHead(nn.Module):
-    """`slots` heads of one layout; row i of a batch goes through the head in slot `idx[i]`."""
+    """`slots` heads of one layout; each row of a batch goes through the head in its own slot."""
 
     def __init__(
         self, stages: tuple[HeadStage, ...], hidden: int, slots: int, max_labels: int, dtype: torch.dtype
@@ -92,33 +93,41 @@ class SlotHead(nn.Module):
             self.register_buffer(buffer, torch.zeros(slots, *size, dtype=dtype))
             self.names[key] = buffer
 
-    def forward(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: LoraBatch) -> torch.Tensor:
         """`x [B, hidden]` pooled rows (or `[B, T, hidden]` tokens) -> logits `[B, max_labels]` (or
-        `[B, T, max_labels]`), zero past each adapter's labels."""
-        out = x.new_zeros(*x.shape[:-1], self.max_labels)
-        order = torch.argsort(idx)
-        slots, counts = torch.unique_consecutive(idx[order], return_counts=True)
-        start = 0
-        for slot, count in zip(slots.tolist(), counts.tolist(), strict=True):
-            rows = order[start : start + count]
-            start += count
-            out[rows] = self._run(x[rows], slot)
-        return out
+        `[B, T, max_labels]`), zero past each adapter's labels.
 
-    def _run(self, y: torch.Tensor, slot: int) -> torch.Tensor:
+        No loop over adapters: the rows are laid out grouped by slot (`batch.grouped`, `[U, L * T]` rows,
+        a short group padded with its last row), each stage runs once over all groups with the batch's U
+        distinct heads gathered (one batched matmul per dense), and the rows are read back in order."""
+        features = x.shape[-1]
+        groups = len(batch.distinct)
+        # Rows already grouped and in order (one adapter, or each adapter's rows side by side in groups of
+        # equal size): the layout is the input's own.
+        in_order = len(batch.segments) == groups and batch.group_len * groups == batch.rows
+        y = x if in_order else x.index_select(0, batch.grouped)
+        y = y.reshape(groups, -1, features)  # [U, L * T, hidden]
         for stage, act in zip(self.stages, self.acts, strict=True):
             if isinstance(stage, Dense):
-                bias = self._get(f"{stage.path}.bias", slot) if stage.bias else None
-                y = F.linear(y, self._get(f"{stage.path}.weight", slot), bias)
+                weight = self._gather(f"{stage.path}.weight", batch)  # [U, out, in]
+                if stage.bias:
+                    bias = self._gather(f"{stage.path}.bias", batch)  # [U, out]
+                    y = torch.baddbmm(bias[:, None], y, weight.transpose(1, 2))
+                else:
+                    y = torch.bmm(y, weight.transpose(1, 2))
             elif isinstance(stage, Norm):
-                bias = self._get(f"{stage.path}.bias", slot) if stage.bias else None
-                y = F.layer_norm(y, y.shape[-1:], self._get(f"{stage.path}.weight", slot), bias, stage.eps)
+                y = F.layer_norm(y, y.shape[-1:], None, None, stage.eps)
+                y = y * self._gather(f"{stage.path}.weight", batch)[:, None]
+                if stage.bias:
+                    y = y + self._gather(f"{stage.path}.bias", batch)[:, None]
             else:
                 y = act(y)
-        return y
+        y = y.reshape(-1, *x.shape[1:-1], self.max_labels)  # [U * L, (T,) max_labels]
+        return y if in_order else y.index_select(0, batch.ungroup)
 
-    def _get(self, key: str, slot: int) -> torch.Tensor:
-        return getattr(self, self.names[key])[slot]
+    def _gather(self, key: str, batch: LoraBatch) -> torch.Tensor:
+        """One tensor of the batch's distinct heads: `[U, ...]`."""
+        return getattr(self, self.names[key]).index_select(0, batch.distinct_idx)
 
     def write(self, slot: int, tensors: dict[str, torch.Tensor] | None) -> None:
         """Put one adapter's head tensors (keyed as `head_tensors`) in `slot`; None empties the slot."""

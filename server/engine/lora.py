@@ -9,7 +9,9 @@ Two ways to compute the deltas, picked per call by `by_segments`: gathered (each
 of the slots, then one batched shrink and expand: best when most rows have an adapter of their own), or
 by segments (rows that run consecutively on one slot share one plain shrink and expand, q/k/v as three
 slices of `lora_B`: best when a few adapters each cover hundreds of tokens). The engine orders the rows
-of a group by slot, so that each adapter is one segment.
+of a group by slot, so that each adapter is one segment. The segments and each layer's rank come from
+the pass's `LoraBatch`, built on the host, on every device. On CUDA, with LORAPLEX_TRITON_LORA=1, the
+deltas run instead as one fused shrink and one fused expand per layer (`loraplex.engine.lora_triton`).
 
 On the CPU the frozen matmul runs over a weight prepacked once (`pack_weight`): oneDNN's in float32 or
 bfloat16, or a dynamic int8 matmul (weights int8 per output channel, activations per token, per call);
@@ -22,9 +24,12 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from loraplex.engine.lora_batch import LoraBatch
 
 log = logging.getLogger(__name__)
 
@@ -55,24 +60,36 @@ class SlotLinear(nn.Module):
         self.packed: PackedLinear | None = None  # the frozen matmul over a prepacked weight (`pack`)
         # On the host: each slot's rank in each part here (0: its adapter does not target that part).
         self.part_rank = [[0] * self.parts for _ in range(slots)]
+        # The same on the device, for the fused kernels: [slots, parts] int32.
+        self.register_buffer("part_rank_t", torch.zeros(slots, self.parts, dtype=torch.int32))
+        # Set by MultiLoraModel: this layer's column in a table of each slot's largest rank per
+        # layer, which `LoraBatch` reads once a pass.
+        self.layer_id: int | None = None
+        self.rank_table: np.ndarray | None = None
 
-    def forward(self, x: torch.Tensor, idx: torch.Tensor, rank: int) -> torch.Tensor:
-        """`rank` is the batch's largest; where the slots can be read on the host (the CPU), this layer
-        uses its own rows' largest rank here, so that a layer none of their adapters targets (PEFT's
-        default targets only query and value) runs its frozen matmul alone."""
-        segments = slot_segments(idx) if rank else None
-        if segments is not None:
-            rank = min(rank, max(max(self.part_rank[slot]) for *_, slot in segments))
+    def forward(self, x: torch.Tensor, batch: LoraBatch) -> torch.Tensor:
+        """`x [B, T, in]` -> `[B, T, out]`, each row with its slot's delta. The rank is this layer's own
+        (`batch.rank_of`): a layer that none of the rows' adapters targets (PEFT's default targets only
+        query and value) runs its frozen matmul alone."""
+        rank = batch.rank_of(self)
+        if self.layer_id is None and rank:  # a layer outside a model: its rows' ranks from its own table
+            rank = min(rank, max(max(self.part_rank[slot]) for *_, slot in batch.segments))
+        if rank and batch.fused:
+            from loraplex.engine import lora_triton
+
+            flat = x.reshape(-1, x.shape[-1])
+            y = frozen_linear(flat, self.weight, self.bias, self.packed).view(*x.shape[:-1], -1)
+            return lora_triton.add_lora(y, x, self.lora_A, self.lora_B, self.part_rank_t, batch, rank)
         return lora_linear(
             x,
             self.weight,
             self.bias,
             self.lora_A,
             self.lora_B,
-            idx,
+            batch.idx,
             rank,
             self.packed,
-            segments,
+            batch.segments,
             self.part_rank,
         )
 
@@ -96,6 +113,9 @@ class SlotLinear(nn.Module):
             self.lora_A[slot, part, :r].copy_(lora_A)
             self.lora_B[slot, rows, part, :r].copy_(lora_B)
             self.part_rank[slot][part] = r
+        self.part_rank_t[slot, part] = self.part_rank[slot][part]
+        if self.rank_table is not None:
+            self.rank_table[slot, self.layer_id] = max(self.part_rank[slot])
 
 
 def lora_linear(
@@ -107,7 +127,7 @@ def lora_linear(
     idx: torch.Tensor,  # [B] int64, slot of each row
     rank: int,  # largest rank among the slots in idx; 0: no row has a delta
     packed: PackedLinear | None = None,  # the frozen matmul over `weight` prepacked by `pack_weight`
-    segments: list[tuple[int, int, int]] | None = None,  # `slot_segments(idx)`, if already read
+    segments: list[tuple[int, int, int]] | None = None,  # the runs of equal slots (`LoraBatch.segments`)
     part_rank: list[list[int]] | None = None,  # [slot][part] rank here, if known: segments skip 0
 ) -> torch.Tensor:
     """Returns `y: [B, T, out]` with, for every row i and slot s = idx[i],
@@ -119,8 +139,8 @@ def lora_linear(
     flat = x.reshape(-1, in_features)  # [B * T, in]
     if rank == 0:
         return frozen_linear(flat, weight, bias, packed).view(batch, tokens, out_features)
-    if segments is None:
-        segments = slot_segments(idx)
+    if segments is None and idx.device.type == "cpu":  # called alone: read the index here
+        segments = slot_segments(idx.tolist())
     if by_segments(segments, tokens):
         y = frozen_linear(flat, weight, bias, packed).view(batch, tokens, out_features)
         return add_segment_deltas(y, x, lora_A, lora_B, segments, rank, part_rank)
@@ -161,12 +181,9 @@ def gathered_lora_linear(
 SEGMENT_MIN_TOKENS = 512
 
 
-def slot_segments(idx: torch.Tensor) -> list[tuple[int, int, int]] | None:
-    """`(first row, end row, slot)` of each run of equal slots in `idx [B]`; None where reading `idx`
-    would wait for a device (the gathered op needs no host copy)."""
-    if idx.device.type != "cpu":
-        return None
-    slots = idx.tolist()
+def slot_segments(slots: list[int]) -> list[tuple[int, int, int]]:
+    """`(first row, end row, slot)` of each run of equal slots in the host list `slots` (`LoraBatch`
+    builds these once a pass; the op never reads a device index back)."""
     segments, start = [], 0
     for row in range(1, len(slots) + 1):
         if row == len(slots) or slots[row] != slots[start]:

@@ -1,8 +1,10 @@
 """A frozen encoder of any served family, with multi-LoRA slots on its linears and stacked heads per slot.
 
     model = MultiLoraModel(family, seq_cls_model, slots, r_max, max_labels, dtype)
-    out = model(input_ids, attention_mask, idx, rank)   # {"SEQ_CLS": [B, max_labels]}
-    out = model(input_ids, attention_mask, idx, rank, token_type_ids, rows)   # rows: task -> positions
+    batch = model.batch(slots_of_rows, slot_rank)          # a LoraBatch: built once, on the host
+    out = model(input_ids, attention_mask, batch)       # {"SEQ_CLS": [B, max_labels]}
+    batch = model.batch(slots_of_rows, slot_rank, tasks)   # tasks: task -> row positions
+    out = model(input_ids, attention_mask, batch, token_type_ids)
 
 The family module (`loraplex.engine.models`) writes out the encoder; this module joins it to the heads. One
 pass serves rows of every task: each task's rows read the shared encoder output, sequence tasks through
@@ -13,12 +15,14 @@ from __future__ import annotations
 
 from types import ModuleType
 
+import numpy as np
 import torch
 from torch import nn
 
 from loraplex.adapters.peft import FEATURE_EXTRACTION, SEQ_CLS
 from loraplex.engine.heads import SlotHead, task_heads
 from loraplex.engine.lora import SlotLinear
+from loraplex.engine.lora_batch import LoraBatch
 
 
 class MultiLoraModel(nn.Module):
@@ -48,6 +52,22 @@ class MultiLoraModel(nn.Module):
         )
         self.requires_grad_(False)
         self.eval()
+        # Each slot's largest rank in each LoRA layer (on the host), kept up to date by SlotLinear.write.
+        linears = [module for module in self.modules() if isinstance(module, SlotLinear)]
+        self.rank_table = np.zeros((slots, len(linears)), dtype=np.int64)
+        for layer, linear in enumerate(linears):
+            linear.layer_id, linear.rank_table = layer, self.rank_table
+
+    def batch(
+        self,
+        slots: list[int],
+        slot_rank: list[int],
+        tasks: dict[str, list[int]] | None = None,
+        fused: bool = False,
+    ) -> LoraBatch:
+        """The `LoraBatch` of rows on `slots` for this model (its device and per-layer ranks)."""
+        device = next(iter(self.buffers())).device
+        return LoraBatch.build(slots, slot_rank, device, self.rank_table, tasks, fused)
 
     @property
     def targets(self) -> dict[str, tuple[SlotLinear, int]]:
@@ -64,29 +84,28 @@ class MultiLoraModel(nn.Module):
         self,
         input_ids: torch.Tensor,  # [B, T] int64
         attention_mask: torch.Tensor,  # [B, T] bool, True for real tokens
-        idx: torch.Tensor,  # [B] int64, slot of each row
-        rank: int,  # largest rank among the rows' slots
+        batch: LoraBatch,  # the rows' slots, segments and ranks (`batch`), built once for the pass
         token_type_ids: torch.Tensor | None = None,  # [B, T] int64; None: all zero
-        rows: dict[str, torch.Tensor | None] | None = None,  # task -> its row positions [n]; None: all rows
     ) -> dict[str, torch.Tensor]:
-        """Each task's output for its rows, in the order of `rows[task]`; `rows` None: every row SEQ_CLS.
+        """Each task's output for its rows, in the order of its positions in `batch.tasks`; no tasks there:
+        every row SEQ_CLS.
 
         SEQ_CLS logits `[n, max_labels]`; TOKEN_CLS and QUESTION_ANS logits `[n, T, max_labels]`;
         FEATURE_EXTRACTION the hidden states `[n, T, hidden]`. A row's logits are meaningful up to its
         adapter's number of labels.
         """
-        hidden = self.encoder(input_ids, attention_mask, idx, rank, token_type_ids)  # [B, T, hidden]
+        hidden = self.encoder(input_ids, attention_mask, batch, token_type_ids)  # [B, T, hidden]
         out = {}
-        for task, positions in (rows or {SEQ_CLS: None}).items():
-            h, mask, i = (hidden, attention_mask, idx)
+        for task, (positions, rows) in (batch.tasks or {SEQ_CLS: (None, batch)}).items():
+            h, mask = (hidden, attention_mask)
             if positions is not None:
-                h, mask, i = hidden[positions], attention_mask[positions], idx[positions]
+                h, mask = hidden[positions], attention_mask[positions]
             if task == SEQ_CLS:
-                out[task] = self.head(self.encoder.pool(h, mask, i, rank), i)
+                out[task] = self.head(self.encoder.pool(h, mask, rows), rows)
             elif task == FEATURE_EXTRACTION:
                 out[task] = h
             else:
-                out[task] = self.token_heads[task](h, i)
+                out[task] = self.token_heads[task](h, rows)
         return out
 
     def write_head(self, slot: int, task: str | None, tensors: dict[str, torch.Tensor] | None) -> None:
@@ -95,9 +114,7 @@ class MultiLoraModel(nn.Module):
         for name, head in self.token_heads.items():
             head.write(slot, tensors if task == name else None)
 
-    def encode(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, idx: torch.Tensor, rank: int
-    ) -> torch.Tensor:
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch: LoraBatch) -> torch.Tensor:
         """Pooled output `[B, hidden]` as the family pools it, each row with its slot's LoRA."""
-        hidden = self.encoder(input_ids, attention_mask, idx, rank)
-        return self.encoder.pool(hidden, attention_mask, idx, rank)
+        hidden = self.encoder(input_ids, attention_mask, batch)
+        return self.encoder.pool(hidden, attention_mask, batch)

@@ -14,9 +14,9 @@ op, slot tensors, stacked heads and length grouping are shared code):
                      place of every LoRA-capable linear layer:
         Encoder(encoder, config, slots, r_max, dtype)
         .targets: dict[str, tuple[SlotLinear, int]]   PEFT module path below PREFIX -> (linear, part)
-        .forward(input_ids [B, T], attention_mask [B, T] bool, idx [B], rank, token_type_ids [B, T] or
+        .forward(input_ids [B, T], attention_mask [B, T] bool, lora (a LoraBatch), token_type_ids [B, T] or
                  None) -> hidden [B, T, H]; families without token types ignore token_type_ids
-        .pool(hidden [B, T, H], attention_mask, idx, rank) -> [B, H], what the head reads
+        .pool(hidden [B, T, H], attention_mask, lora) -> [B, H], what the head reads
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from transformers.activations import ACT2FN
 
 from loraplex.engine.heads import Dense
 from loraplex.engine.lora import SlotLinear
+from loraplex.engine.lora_batch import LoraBatch
 
 MODEL_TYPES = ("bert",)
 PREFIX = "bert"
@@ -50,14 +51,14 @@ class EncoderLayer(nn.Module):
             f"{prefix}.output.dense": (self.out, 0),
         }
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, idx: torch.Tensor, rank: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
         batch, tokens, hidden = x.shape
-        qkv = self.qkv(x, idx, rank)  # [B, T, 3 * hidden]
+        qkv = self.qkv(x, lora)  # [B, T, 3 * hidden]
         q, k, v = qkv.view(batch, tokens, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, T, d]
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, T, d]
         ctx = ctx.transpose(1, 2).reshape(batch, tokens, hidden)
-        x = self.attn_norm(self.attn_out(ctx, idx, rank) + x)
-        return self.out_norm(self.out(self.act(self.inter(x, idx, rank)), idx, rank) + x)
+        x = self.attn_norm(self.attn_out(ctx, lora) + x)
+        return self.out_norm(self.out(self.act(self.inter(x, lora)), lora) + x)
 
 
 class Encoder(nn.Module):
@@ -76,19 +77,16 @@ class Encoder(nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        idx: torch.Tensor,
-        rank: int,
+        lora: LoraBatch,
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids  # [B, T]
         x = self.embeddings(input_ids=input_ids, token_type_ids=types)
         mask = attention_mask[:, None, None, :]  # [B, 1, 1, T]
         for layer in self.layers:
-            x = layer(x, mask, idx, rank)
+            x = layer(x, mask, lora)
         return x
 
-    def pool(
-        self, hidden: torch.Tensor, attention_mask: torch.Tensor, idx: torch.Tensor, rank: int
-    ) -> torch.Tensor:
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
         """tanh of the pooler (LoRA-capable) on [CLS]."""
-        return torch.tanh(self.pooler(hidden[:, :1], idx, rank)).squeeze(1)
+        return torch.tanh(self.pooler(hidden[:, :1], lora)).squeeze(1)

@@ -37,6 +37,7 @@ from transformers.models.deberta_v2.modeling_deberta_v2 import (
 
 from loraplex.engine.heads import Act, Dense
 from loraplex.engine.lora import SlotLinear, frozen_linear
+from loraplex.engine.lora_batch import LoraBatch
 
 MODEL_TYPES = ("deberta-v2",)
 PREFIX = "deberta"
@@ -62,30 +63,32 @@ class Positions:
     reach at most |bucket(T - 1)|), so the position projections are made for those W rows only.
     """
 
-    def __init__(self, rel: torch.Tensor, c2p: torch.Tensor, p2c: torch.Tensor, idx: torch.Tensor):
+    def __init__(self, rel: torch.Tensor, c2p: torch.Tensor, p2c: torch.Tensor, lora: LoraBatch):
         self.rel = rel  # [W, H] the LayerNorm'd relative embeddings in the window
         self.c2p = c2p  # [T, T] int64, row (query) i, column (key) j -> window index of bucket(i - j)
         self.p2c = p2c  # [T, T] int64, row (key) i, column (query) j -> window index of -bucket(i - j)
-        self.slots, self.inverse = torch.unique(idx, return_inverse=True)  # [U] distinct slots, [B]
+        self.lora = lora  # its distinct slots `distinct_idx [U]` and each row's among them, `inverse [B]`
 
     def per_row(self, t: torch.Tensor, batch: int) -> torch.Tensor:
         """`t [U or 1, ...]`, one entry per distinct slot (or one for all) -> `[B, ...]`, one per row."""
         if t.shape[0] == 1:
             return t.expand(batch, *t.shape[1:])
-        return t.index_select(0, self.inverse)
+        return t.index_select(0, self.lora.inverse)
 
 
-def slot_projection(linear: SlotLinear, x: torch.Tensor, pos: Positions, rank: int) -> torch.Tensor:
+def slot_projection(linear: SlotLinear, x: torch.Tensor, pos: Positions) -> torch.Tensor:
     """`linear` over rows `x [W, in]` that are the same for every row of the batch.
 
     Returns `[U, W, out]`, one per distinct slot of the batch (`[1, W, out]` when no slot has a delta):
     the frozen matmul once, the LoRA delta of each distinct slot once.
     """
     y = frozen_linear(x, linear.weight, linear.bias, linear.packed)[None]  # [1, W, out]
+    rank = pos.lora.rank_of(linear)  # this layer's: 0 where no row's adapter targets it
     if rank == 0:
         return y
-    a = linear.lora_A[:, :, :rank].index_select(0, pos.slots).flatten(1, 2)  # [U, parts * rank, in]
-    b = linear.lora_B[:, :, :, :rank].index_select(0, pos.slots).flatten(2, 3)  # [U, out, parts * rank]
+    slots = pos.lora.distinct_idx  # [U]
+    a = linear.lora_A[:, :, :rank].index_select(0, slots).flatten(1, 2)  # [U, parts * rank, in]
+    b = linear.lora_B[:, :, :, :rank].index_select(0, slots).flatten(2, 3)  # [U, out, parts * rank]
     return y + torch.matmul(x, a.transpose(1, 2)) @ b.transpose(1, 2)  # [U, W, out]
 
 
@@ -138,13 +141,11 @@ class EncoderLayer(nn.Module):
         """`[N, L, heads * d]` -> `[N, heads, L, d]`."""
         return x.view(*x.shape[:2], self.heads, self.head_size).transpose(1, 2)
 
-    def position_bias(
-        self, q: torch.Tensor, k: torch.Tensor, pos: Positions, rank: int
-    ) -> torch.Tensor | float:
+    def position_bias(self, q: torch.Tensor, k: torch.Tensor, pos: Positions) -> torch.Tensor | float:
         """The c2p + p2c terms of the scores, already divided by the scale: `[B, heads, T, T]`."""
         batch, tokens = q.shape[0], q.shape[2]
         linear = self.qkv if self.pos_linear is None else self.pos_linear
-        projected = slot_projection(linear, pos.rel, pos, rank)  # [U, W, out]
+        projected = slot_projection(linear, pos.rel, pos)  # [U, W, out]
         index = (batch, self.heads, tokens, tokens)
         bias = 0.0
         if self.c2p:
@@ -158,23 +159,23 @@ class EncoderLayer(nn.Module):
         return bias
 
     def forward(
-        self, x: torch.Tensor, pos: Positions | None, mask: torch.Tensor, idx: torch.Tensor, rank: int
+        self, x: torch.Tensor, pos: Positions | None, mask: torch.Tensor, lora: LoraBatch
     ) -> torch.Tensor:
         batch, tokens, hidden = x.shape
-        qkv = self.qkv(x, idx, rank)  # [B, T, 3 * heads * d]
+        qkv = self.qkv(x, lora)  # [B, T, 3 * heads * d]
         shape = (batch, tokens, 3, self.heads, self.head_size)
         q, k, v = qkv.view(shape).permute(2, 0, 3, 1, 4).unbind(0)  # [B, heads, T, d]
         if pos is not None and (self.c2p or self.p2c):
             # The softmax of (q k^T + c2p + p2c) / scale over the real keys; padded keys get the lowest
             # finite score, as in Hugging Face, so that no row of the softmax is all -inf.
-            bias = self.position_bias(q, k, pos, rank)  # [B, heads, T, T]
+            bias = self.position_bias(q, k, pos)  # [B, heads, T, T]
             attn_mask = bias.masked_fill(~mask, torch.finfo(x.dtype).min)
         else:
             attn_mask = mask  # [B, 1, 1, T]
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=1 / self.scale)
         ctx = ctx.transpose(1, 2).reshape(batch, tokens, -1)  # [B, T, heads * d]
-        x = self.attn_norm(self.attn_out(ctx, idx, rank) + x)
-        return self.out_norm(self.out(self.act(self.inter(x, idx, rank)), idx, rank) + x)
+        x = self.attn_norm(self.attn_out(ctx, lora) + x)
+        return self.out_norm(self.out(self.act(self.inter(x, lora)), lora) + x)
 
 
 class Encoder(nn.Module):
@@ -213,8 +214,7 @@ class Encoder(nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        idx: torch.Tensor,
-        rank: int,
+        lora: LoraBatch,
         token_type_ids: torch.Tensor | None = None,
     ):
         """DebertaV2Embeddings, with `embed_proj` LoRA-capable: `[B, T]` -> `[B, T, H]`."""
@@ -226,11 +226,11 @@ class Encoder(nn.Module):
             types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids  # [B, T]
             x = x + self.token_type_embeddings(types)
         if self.embed_proj is not None:
-            x = self.embed_proj(x, idx, rank)  # [B, T, H]
+            x = self.embed_proj(x, lora)  # [B, T, H]
         x = self.embed_norm(x)
         return x * attention_mask[:, :, None].to(x.dtype)  # padded tokens are zero, as HF's mask does
 
-    def positions(self, tokens: int, idx: torch.Tensor) -> Positions:
+    def positions(self, tokens: int, lora: LoraBatch) -> Positions:
         """The relative positions of length `tokens`, the window of relative embeddings they index."""
         device = self.rel_embeddings.weight.device
         probe = torch.empty(tokens, 0, device=device)
@@ -248,28 +248,25 @@ class Encoder(nn.Module):
         rel = self.rel_embeddings.weight[lo : hi + 1]  # [W, H]
         if self.rel_norm is not None:
             rel = self.rel_norm(rel)  # row-wise, so the window's rows are those of the whole table
-        return Positions(rel, c2p, p2c, idx)
+        return Positions(rel, c2p, p2c, lora)
 
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        idx: torch.Tensor,
-        rank: int,
+        lora: LoraBatch,
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        embedded = self.embed(input_ids, attention_mask, idx, rank, token_type_ids)  # [B, T, H]
-        pos = self.positions(input_ids.shape[1], idx) if self.relative else None
+        embedded = self.embed(input_ids, attention_mask, lora, token_type_ids)  # [B, T, H]
+        pos = self.positions(input_ids.shape[1], lora) if self.relative else None
         mask = attention_mask[:, None, None, :]  # [B, 1, 1, T]: keys; a padded query row is never read
         x = embedded
         for i, layer in enumerate(self.layers):
-            x = layer(x, pos, mask, idx, rank)
+            x = layer(x, pos, mask, lora)
             if i == 0 and self.conv is not None:
                 x = self.conv(embedded, x, attention_mask.to(x.dtype))
         return x
 
-    def pool(
-        self, hidden: torch.Tensor, attention_mask: torch.Tensor, idx: torch.Tensor, rank: int
-    ) -> torch.Tensor:
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
         """Token 0; ContextPooler's dense and activation are the head's first stages."""
         return hidden[:, 0]

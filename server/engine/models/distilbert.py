@@ -18,6 +18,7 @@ from transformers.activations import get_activation
 
 from loraplex.engine.heads import Act, Dense
 from loraplex.engine.lora import SlotLinear
+from loraplex.engine.lora_batch import LoraBatch
 
 MODEL_TYPES = ("distilbert",)
 PREFIX = "distilbert"
@@ -59,15 +60,15 @@ class EncoderLayer(nn.Module):
             f"{prefix}.ffn.lin2": (self.lin2, 0),
         }
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, idx: torch.Tensor, rank: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
         batch, tokens, hidden = x.shape
-        qkv = self.qkv(x, idx, rank)  # [B, T, 3 * hidden]
+        qkv = self.qkv(x, lora)  # [B, T, 3 * hidden]
         q, k, v = qkv.view(batch, tokens, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, T, d]
         # SDPA's default scale is d ** -0.5, the one DistilBERT uses; no dropout in eval.
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, T, d]
         ctx = ctx.transpose(1, 2).reshape(batch, tokens, hidden)  # [B, T, hidden]
-        x = self.attn_norm(self.attn_out(ctx, idx, rank) + x)
-        return self.out_norm(self.lin2(self.act(self.lin1(x, idx, rank)), idx, rank) + x)
+        x = self.attn_norm(self.attn_out(ctx, lora) + x)
+        return self.out_norm(self.lin2(self.act(self.lin1(x, lora)), lora) + x)
 
 
 class Encoder(nn.Module):
@@ -87,18 +88,15 @@ class Encoder(nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        idx: torch.Tensor,
-        rank: int,
+        lora: LoraBatch,
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x = self.embeddings(input_ids=input_ids)  # [B, T, hidden]
         mask = attention_mask[:, None, None, :]  # [B, 1, 1, T]: padding keys get no attention
         for layer in self.layers:
-            x = layer(x, mask, idx, rank)
+            x = layer(x, mask, lora)
         return x
 
-    def pool(
-        self, hidden: torch.Tensor, attention_mask: torch.Tensor, idx: torch.Tensor, rank: int
-    ) -> torch.Tensor:
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
         """The first token's hidden state ([CLS]); DistilBERT has no pooler, the head starts there."""
         return hidden[:, 0]  # [B, hidden]

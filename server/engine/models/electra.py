@@ -17,6 +17,7 @@ from torch import nn
 
 from loraplex.engine.heads import Act, Dense
 from loraplex.engine.lora import SlotLinear
+from loraplex.engine.lora_batch import LoraBatch
 
 MODEL_TYPES = ("electra",)
 PREFIX = "electra"
@@ -57,15 +58,15 @@ class EncoderLayer(nn.Module):
             f"{prefix}.output.dense": (self.out, 0),
         }
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, idx: torch.Tensor, rank: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
         batch, tokens, hidden = x.shape
-        qkv = self.qkv(x, idx, rank)  # [B, T, 3 * hidden]
+        qkv = self.qkv(x, lora)  # [B, T, 3 * hidden]
         q, k, v = qkv.view(batch, tokens, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, T, d]
         # the default scale 1 / sqrt(d) is HF's `scaling`; `mask` drops each row's padding keys
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, T, d]
         ctx = ctx.transpose(1, 2).reshape(batch, tokens, hidden)
-        x = self.attn_norm(self.attn_out(ctx, idx, rank) + x)
-        return self.out_norm(self.out(self.act(self.inter(x, idx, rank)), idx, rank) + x)
+        x = self.attn_norm(self.attn_out(ctx, lora) + x)
+        return self.out_norm(self.out(self.act(self.inter(x, lora)), lora) + x)
 
 
 class Encoder(nn.Module):
@@ -91,22 +92,19 @@ class Encoder(nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        idx: torch.Tensor,
-        rank: int,
+        lora: LoraBatch,
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         # [B, T, embedding_size]; no token types: all zero, as HF's default buffer gives
         types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids  # [B, T]
         x = self.embeddings(input_ids=input_ids, token_type_ids=types)
         if self.project is not None:
-            x = self.project(x, idx, rank)  # [B, T, hidden]
+            x = self.project(x, lora)  # [B, T, hidden]
         mask = attention_mask[:, None, None, :]  # [B, 1, 1, T]
         for layer in self.layers:
-            x = layer(x, mask, idx, rank)
+            x = layer(x, mask, lora)
         return x  # [B, T, hidden]
 
-    def pool(
-        self, hidden: torch.Tensor, attention_mask: torch.Tensor, idx: torch.Tensor, rank: int
-    ) -> torch.Tensor:
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
         """The first token ([CLS]) as it leaves the last layer: ELECTRA has no pooler; the head reads it."""
         return hidden[:, 0]  # [B, hidden]

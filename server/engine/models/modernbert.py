@@ -24,6 +24,7 @@ from transformers.models.modernbert.modeling_modernbert import apply_rotary_pos_
 
 from loraplex.engine.heads import Act, Dense, Norm
 from loraplex.engine.lora import SlotLinear
+from loraplex.engine.lora_batch import LoraBatch
 
 MODEL_TYPES = ("modernbert",)
 PREFIX = "model"
@@ -77,11 +78,10 @@ class EncoderLayer(nn.Module):
         x: torch.Tensor,  # [B, T, hidden]
         masks: dict[str, torch.Tensor],  # layer type -> bool mask broadcastable to [B, heads, T, T]
         rope: dict[str, tuple[torch.Tensor, torch.Tensor]],  # layer type -> cos, sin [1, T, head_dim]
-        idx: torch.Tensor,
-        rank: int,
+        lora: LoraBatch,
     ) -> torch.Tensor:
         batch, tokens, hidden = x.shape
-        qkv = self.qkv(self.attn_norm(x), idx, rank)  # [B, T, 3 * hidden]
+        qkv = self.qkv(self.attn_norm(x), lora)  # [B, T, 3 * hidden]
         # [B, T, 3, heads, d] -> three [B, heads, T, d], as Hugging Face's view(..., 3, -1, head_dim)
         q, k, v = qkv.view(batch, tokens, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         cos, sin = rope[self.attention_type]
@@ -89,9 +89,9 @@ class EncoderLayer(nn.Module):
         mask = masks[self.attention_type]
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.head_dim**-0.5)
         ctx = ctx.transpose(1, 2).reshape(batch, tokens, hidden)  # [B, T, hidden]
-        x = x + self.attn_out(ctx, idx, rank)
-        inp, gate = self.wi(self.mlp_norm(x), idx, rank).chunk(2, dim=-1)  # two [B, T, intermediate]
-        return x + self.wo(self.act(inp) * gate, idx, rank)
+        x = x + self.attn_out(ctx, lora)
+        inp, gate = self.wi(self.mlp_norm(x), lora).chunk(2, dim=-1)  # two [B, T, intermediate]
+        return x + self.wo(self.act(inp) * gate, lora)
 
 
 class Encoder(nn.Module):
@@ -117,8 +117,7 @@ class Encoder(nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        idx: torch.Tensor,
-        rank: int,
+        lora: LoraBatch,
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         tokens = input_ids.shape[1]
@@ -130,7 +129,7 @@ class Encoder(nn.Module):
         if "sliding_attention" in self.layer_types:
             masks["sliding_attention"] = self._sliding_mask(attention_mask)
         for layer in self.layers:
-            x = layer(x, masks, rope, idx, rank)
+            x = layer(x, masks, rope, lora)
         return self.final_norm(x)
 
     def _sliding_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -148,9 +147,7 @@ class Encoder(nn.Module):
         mask = near[None] & attention_mask[:, None, :]  # [B, T, T]
         return (mask | ~attention_mask[:, :, None])[:, None]
 
-    def pool(
-        self, hidden: torch.Tensor, attention_mask: torch.Tensor, idx: torch.Tensor, rank: int
-    ) -> torch.Tensor:
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
         """Token 0 ("cls") or the mean over real tokens ("mean"), as `classifier_pooling` says."""
         if self.pooling == "cls":
             return hidden[:, 0]

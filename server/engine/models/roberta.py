@@ -19,6 +19,7 @@ from torch import nn
 
 from loraplex.engine.heads import Act, Dense
 from loraplex.engine.lora import SlotLinear
+from loraplex.engine.lora_batch import LoraBatch
 
 MODEL_TYPES = ("roberta", "xlm-roberta", "camembert")
 PREFIX = "roberta"
@@ -60,14 +61,14 @@ class EncoderLayer(nn.Module):
             f"{prefix}.output.dense": (self.out, 0),
         }
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, idx: torch.Tensor, rank: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
         batch, tokens, hidden = x.shape
-        qkv = self.qkv(x, idx, rank)  # [B, T, 3 * hidden]
+        qkv = self.qkv(x, lora)  # [B, T, 3 * hidden]
         q, k, v = qkv.view(batch, tokens, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, T, d]
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, T, d]; pads are never keys
         ctx = ctx.transpose(1, 2).reshape(batch, tokens, hidden)
-        x = self.attn_norm(self.attn_out(ctx, idx, rank) + x)
-        return self.out_norm(self.out(self.act(self.inter(x, idx, rank)), idx, rank) + x)
+        x = self.attn_norm(self.attn_out(ctx, lora) + x)
+        return self.out_norm(self.out(self.act(self.inter(x, lora)), lora) + x)
 
 
 class Encoder(nn.Module):
@@ -92,8 +93,7 @@ class Encoder(nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        idx: torch.Tensor,
-        rank: int,
+        lora: LoraBatch,
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         # Positions are the running count of non-pad ids plus pad_token_id, as in Hugging Face. The engine
@@ -102,11 +102,9 @@ class Encoder(nn.Module):
         x = self.embeddings(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids))  # [B, T, H]
         mask = attention_mask[:, None, None, :]  # [B, 1, 1, T]
         for layer in self.layers:
-            x = layer(x, mask, idx, rank)
+            x = layer(x, mask, lora)
         return x
 
-    def pool(
-        self, hidden: torch.Tensor, attention_mask: torch.Tensor, idx: torch.Tensor, rank: int
-    ) -> torch.Tensor:
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
         """The hidden state of <s> (token 0); the head's dense and tanh come after, per slot."""
         return hidden[:, 0]  # [B, H]
