@@ -224,10 +224,20 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor
     return (hidden * real).sum(1) / real.sum(1).clamp(min=1)
 
 
-def in_batch_scores(texts: torch.Tensor, seconds: torch.Tensor) -> torch.Tensor:
+def in_batch_scores(
+    texts: torch.Tensor, seconds: torch.Tensor, twins: torch.Tensor | None = None
+) -> torch.Tensor:
     """`[B, H]` and `[B, H]` -> `[B, B]`: cosine similarity of each text with every second text, times
-    EMBED_SCALE; row i's answer is column i."""
-    return F.normalize(texts, dim=-1) @ F.normalize(seconds, dim=-1).T * EMBED_SCALE
+    EMBED_SCALE; row i's answer is column i. `twins [B, B]` marks other rows' second texts identical to
+    row i's: they are not negatives, so they are left out of its softmax."""
+    scores = F.normalize(texts, dim=-1) @ F.normalize(seconds, dim=-1).T * EMBED_SCALE
+    return scores if twins is None else scores.masked_fill(twins, float("-inf"))
+
+
+def twin_mask(seconds: list[list[int]]) -> torch.Tensor:
+    """`[B, B]`: True where row j's second text is row i's, for j != i."""
+    same = [[a == b and i != j for j, b in enumerate(seconds)] for i, a in enumerate(seconds)]
+    return torch.tensor(same, dtype=torch.bool)
 
 
 def logits_of(task: str, output) -> torch.Tensor:

@@ -61,6 +61,7 @@ from loraplex.train.tasks import (
     logits_of,
     loss_of,
     pool,
+    twin_mask,
     weak_reasons,
 )
 
@@ -440,7 +441,9 @@ def train(
     def forward(feats, rows: list[int]) -> torch.Tensor:
         """The outputs the loss takes: logits as `logits_of` gives them; embed: in-batch scores `[B, B]`."""
         if task == "embed":
-            return in_batch_scores(embed(collate(feats, rows)), embed(collate(feats, rows, second=True)))
+            twins = twin_mask([feats.targets[i] for i in rows]).to(device)
+            texts, seconds = embed(collate(feats, rows)), embed(collate(feats, rows, second=True))
+            return in_batch_scores(texts, seconds, twins)
         return logits_of(task, model(**collate(feats, rows)))
 
     train_feats = features(train_set)
