@@ -4,7 +4,11 @@
     pairs        rows: a text, a second text (`--text-pair-column`) and a label
     multi-label  rows: a text and several labels (a list in JSONL, else joined by `--label-separator`); an
                  empty cell or list is a row of none of the labels
-    regression   rows: a text and a number
+    regression   rows: a text and a number; a second text too when `--text-pair-column` is given or the
+                 rows have a `text_pair` column
+    rerank       rows: a query, a text (`--text-pair-column`) and its relevance, a number in [0, 1] (1 or 0
+                 for a relevant or irrelevant pair, or a graded score)
+    embed        rows: a text and a text that should embed near it (`--text-pair-column`); no label
     tokens       JSONL rows: `tokens` (a list of words) and `tags` (one label per word)
     qa           SQuAD JSON: data[].paragraphs[].context and qas[].question / answers[].text, answer_start
 
@@ -22,7 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DATA_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
-TASKS = ("seq-cls", "pairs", "multi-label", "regression", "tokens", "qa")
+TASKS = ("seq-cls", "pairs", "multi-label", "regression", "rerank", "embed", "tokens", "qa")
+PAIR_COLUMN = "text_pair"  # the second text's column unless --text-pair-column names another
+NO_LABELS = ("regression", "rerank", "embed", "qa")  # tasks whose head has no label names to choose
 QA_LABELS = ["start", "end"]  # the question-answering head's two outputs, in head order
 
 
@@ -35,9 +41,10 @@ class Examples:
     """Rows of one task, in file order. Per row:
 
     texts   the text; the word list (tokens); the question (qa)
-    labels  a label name (seq-cls, pairs); a tuple of names (multi-label); a float (regression); a tag per
-            word (tokens); the answers as (answer_start, text) tuples, none for an unanswerable one (qa)
-    pairs   the second text (pairs); the context (qa); None for the other tasks
+    labels  a label name (seq-cls, pairs); a tuple of names (multi-label); a float (regression, rerank);
+            None (embed); a tag per word (tokens); the answers as (answer_start, text) tuples, none for an
+            unanswerable one (qa)
+    pairs   the second text (pairs, rerank, embed, regression with pairs); the context (qa); else None
     where   where the row is in its file, e.g. "line 3" or "data[0].paragraphs[1].qas[2]"
     """
 
@@ -65,12 +72,13 @@ def read_examples(
     task: str = "seq-cls",
     text_column: str = "text",
     label_column: str = "label",
-    pair_column: str = "text_pair",
+    pair_column: str | None = None,
     separator: str = ",",
     fmt: str | None = None,
     encoding: str = "utf-8",
 ) -> Examples:
-    """All rows of a data file for `task`; raises TrainingDataError naming the bad row and field."""
+    """All rows of a data file for `task`; raises TrainingDataError naming the bad row and field.
+    `pair_column` None is PAIR_COLUMN, which regression reads only when the rows have it."""
     path = Path(path)
     if task == "qa":
         return _read_squad(path, encoding)
@@ -80,9 +88,15 @@ def read_examples(
             f"{path}: --task tokens reads JSONL, one object per line with a list of words and a list of tags."
         )
     where, first = rows[0]
-    columns = [(text_column, "--text-column"), (label_column, "--label-column")]
-    if task == "pairs":
-        columns.insert(1, (pair_column, "--text-pair-column"))
+    with_pairs = task in ("pairs", "rerank", "embed") or (
+        task == "regression" and (pair_column is not None or PAIR_COLUMN in first)
+    )
+    pair_column = pair_column or PAIR_COLUMN
+    columns = [(text_column, "--text-column")]
+    if with_pairs:
+        columns.append((pair_column, "--text-pair-column"))
+    if task != "embed":
+        columns.append((label_column, "--label-column"))
     for column, option in columns:
         if column not in first:
             found = ", ".join(repr(k) for k in first) or "none"
@@ -95,7 +109,7 @@ def read_examples(
 
     problems: dict[str, list[str]] = {}
     texts, labels, pairs = [], [], []
-    text_fields = [text_column, pair_column] if task == "pairs" else [text_column]
+    text_fields = [text_column, pair_column] if with_pairs else [text_column]
     for where, row in rows:
         for column in text_fields:
             value = row.get(column)
@@ -114,7 +128,7 @@ def read_examples(
             else "correct or remove these rows"
         )
         _refuse(path, problem, places, fix)
-    return Examples(texts, labels, pairs if task == "pairs" else None, [w for w, _ in rows])
+    return Examples(texts, labels, pairs if with_pairs else None, [w for w, _ in rows])
 
 
 def _label(task: str, value, separator: str) -> tuple[object, str | None]:
@@ -131,7 +145,9 @@ def _label(task: str, value, separator: str) -> tuple[object, str | None]:
         else:
             return (), "a {column} that is neither a list of label names nor a string of them"
         return tuple(dict.fromkeys(n for n in names if n)), None
-    if task == "regression":
+    if task == "embed":
+        return None, None
+    if task in ("regression", "rerank"):
         if value is None or (isinstance(value, str) and not value.strip()):
             return 0.0, "no {column} value"
         if isinstance(value, bool) or not isinstance(value, int | float | str):
@@ -140,7 +156,11 @@ def _label(task: str, value, separator: str) -> tuple[object, str | None]:
             number = float(value)
         except ValueError:
             return 0.0, "a {column} that is not a number"
-        return (number, None) if math.isfinite(number) else (0.0, "a {column} that is not a finite number")
+        if not math.isfinite(number):
+            return 0.0, "a {column} that is not a finite number"
+        if task == "rerank" and not 0 <= number <= 1:
+            return 0.0, "a {column} outside [0, 1] (a relevance: 1 relevant, 0 not, or a score between)"
+        return number, None
     if value is None or isinstance(value, dict | list) or str(value).strip() == "":
         return "", "no {column} value"
     return str(value).strip(), None
@@ -326,17 +346,20 @@ def choose_labels(
 
     Head order is `wanted` when given, else the sorted label names (numerically if all are integers).
     seq-cls and pairs leave out rows of other labels; multi-label drops other labels from each row's set;
-    tokens needs every tag in `wanted`. Regression has one output named after the label column, qa two."""
-    if task in ("regression", "qa"):
+    tokens needs every tag in `wanted`. Regression and rerank have one output named after the label
+    column, qa two, embed none."""
+    if task in NO_LABELS:
         if wanted:
             raise TrainingDataError(f"--labels is for the classification tasks, not --task {task}.")
         if task == "qa":
             return examples, list(QA_LABELS), 0
+        if task == "embed":
+            return examples, [], 0
         if len(set(examples.labels)) < 2:
-            raise TrainingDataError(
-                f"every {label_column!r} is {examples.labels[0]:g}; a regression needs rows of "
-                "different values."
-            )
+            what = "a regression needs rows of different values"
+            if task == "rerank":
+                what = "a reranker needs relevant and irrelevant pairs"
+            raise TrainingDataError(f"every {label_column!r} is {examples.labels[0]:g}; {what}.")
         return examples, [label_column], 0
     present = _present(examples, task)
     if wanted:
@@ -378,7 +401,7 @@ def check_validation(
 ) -> Examples:
     """A --validation-file's rows under the training data's labels: those --labels leaves out dropped,
     labels the training data lacks refused."""
-    if task in ("regression", "qa"):
+    if task in NO_LABELS:
         return validation
     if wanted and task in ("seq-cls", "pairs"):
         validation = validation.pick([i for i, lab in enumerate(validation.labels) if lab in set(wanted)])
@@ -397,7 +420,7 @@ def check_validation(
 
 def missing_labels(train: Examples, labels: list[str], task: str) -> list[str]:
     """Labels of the head that no training row has (after the validation split)."""
-    if task in ("regression", "qa"):
+    if task in NO_LABELS:
         return []
     present = _present(train, task)
     return [lab for lab in labels if lab not in present]
@@ -405,7 +428,9 @@ def missing_labels(train: Examples, labels: list[str], task: str) -> list[str]:
 
 def label_counts(examples: Examples, labels: list[str], task: str) -> str:
     """The training rows per label (words per tag for tokens), for the log."""
-    if task == "regression":
+    if task == "embed":
+        return f"{len(examples.texts)} text pairs"
+    if task in ("regression", "rerank"):
         values = examples.labels
         mean = sum(values) / len(values)
         return f"{labels[0]}: mean {mean:.4g}, from {min(values):.4g} to {max(values):.4g}"

@@ -6,16 +6,22 @@ against a trivial baseline.
     pairs        SEQ_CLS       (single label, token types)  cross-entropy     the most common label
     multi-label  SEQ_CLS       multi_label_classification   BCE per label     the most common label set
     regression   SEQ_CLS       regression                   MSE (z-scored)    the training mean
+    rerank       SEQ_CLS       (one output, token types)    BCE on the logit  the training mean relevance
+    embed        FEATURE_EXTR. -                            in-batch CE       the base model's embeddings
     tokens       TOKEN_CLS     -                            cross-entropy     the most common tag
     qa           QUESTION_ANS  -                            start/end CE      the context's first words
 
 Tokens are labelled at the first subword of each word (-100, ignored, elsewhere); qa contexts longer than
 a window are cut into windows overlapping by `doc_stride` tokens, and an answer outside a window points at
-its first token, as Hugging Face's examples do.
+its first token, as Hugging Face's examples do. embed pools each text as the base model's
+sentence-transformers config says (as /embed does) and scores every text of a batch against every second
+text of it: the row's own second text is the answer, the others are its negatives (cosine similarity
+times EMBED_SCALE, cross-entropy).
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 import re
 import string
@@ -25,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from loraplex.adapters.peft import QUESTION_ANS, SEQ_CLS, TOKEN_CLS
+from loraplex.adapters.peft import FEATURE_EXTRACTION, QUESTION_ANS, SEQ_CLS, TOKEN_CLS
 from loraplex.train.data import Examples, TrainingDataError
 
 TASK_TYPES = {
@@ -33,6 +39,8 @@ TASK_TYPES = {
     "pairs": SEQ_CLS,
     "multi-label": SEQ_CLS,
     "regression": SEQ_CLS,
+    "rerank": SEQ_CLS,
+    "embed": FEATURE_EXTRACTION,
     "tokens": TOKEN_CLS,
     "qa": QUESTION_ANS,
 }
@@ -43,6 +51,8 @@ HEADLINES = {
     "pairs": ("accuracy", "val_acc"),
     "multi-label": ("subset_accuracy", "val_acc"),
     "regression": ("r2", "val_r2"),
+    "rerank": ("auc", "val_auc"),
+    "embed": ("mrr", "val_mrr"),
     "tokens": ("accuracy", "val_acc"),
     "qa": ("f1", "val_f1"),
 }
@@ -52,11 +62,14 @@ BASELINES = {
     "pairs": "majority_baseline",
     "multi-label": "majority_baseline",
     "regression": "mean_baseline",
+    "rerank": "mean_baseline",
+    "embed": "base_model_baseline",
     "tokens": "majority_baseline",
     "qa": "first_words_baseline",
 }
 IGNORE = -100  # a token the loss skips
 ANSWER_CANDIDATES = 20  # best start and end tokens tried per window
+EMBED_SCALE = 20.0  # embed: cosine similarities are multiplied by this before the softmax over a batch
 
 
 @dataclass
@@ -65,8 +78,9 @@ class Features:
 
     ids      per feature: token ids, special tokens included
     types    per feature: token type ids, where the tokenizer makes them (pairs, qa); else None
-    targets  per feature: a label id; a 0/1 list per label; a z-scored float; a label id or IGNORE per
-             token; (start token, end token)
+    targets  per feature: a label id; a 0/1 list per label; a z-scored float (regression); a relevance
+             (rerank); the second text's token ids (embed); a label id or IGNORE per token; (start token,
+             end token)
     example  per feature: the row of Examples it comes from
     spans    tokens: per feature the (token, word) of each word's first subword; qa: per feature each
              token's (start, end) characters in the context, None outside it
@@ -81,6 +95,8 @@ class Features:
 
 def head_kwargs(task: str, labels: list[str]) -> dict:
     """from_pretrained arguments of the task's Hugging Face model."""
+    if task == "embed":
+        return {}
     kwargs = {"num_labels": len(labels)}
     if task != "qa":
         kwargs |= {"id2label": dict(enumerate(labels)), "label2id": {lab: i for i, lab in enumerate(labels)}}
@@ -104,7 +120,11 @@ def featurize(
         return _token_features(tokenizer, examples, index, max_length)
     if task == "qa":
         return _qa_features(tokenizer, examples, max_length, doc_stride)
-    pairs = examples.pairs if task == "pairs" else None
+    if task == "embed":
+        texts = tokenizer(examples.texts, truncation=True, max_length=max_length)["input_ids"]
+        seconds = tokenizer(examples.pairs, truncation=True, max_length=max_length)["input_ids"]
+        return Features(texts, None, seconds, list(range(len(examples.texts))))
+    pairs = examples.pairs
     types = "token_type_ids" in tokenizer.model_input_names and pairs is not None
     encoded = tokenizer(
         examples.texts, pairs, truncation=True, max_length=max_length, return_token_type_ids=types
@@ -114,6 +134,8 @@ def featurize(
     elif task == "regression":
         mean, std = scale
         targets = [(y - mean) / std for y in examples.labels]
+    elif task == "rerank":
+        targets = list(examples.labels)
     else:
         targets = [index[lab] for lab in examples.labels]
     return Features(
@@ -191,6 +213,33 @@ def _qa_features(tokenizer, examples: Examples, max_length: int, doc_stride: int
 # ---------------------------------------------------------------------------------------------- training
 
 
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """`hidden [B, T, H]`, `mask [B, T]` -> `[B, H]`: the mean of each row's real tokens, its first
+    token's, or their maximum per feature, as /embed pools."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    real = mask[..., None].to(hidden.dtype)  # [B, T, 1]
+    if pooling == "max":
+        return hidden.masked_fill(real == 0, torch.finfo(hidden.dtype).min).max(1).values
+    return (hidden * real).sum(1) / real.sum(1).clamp(min=1)
+
+
+def in_batch_scores(
+    texts: torch.Tensor, seconds: torch.Tensor, twins: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`[B, H]` and `[B, H]` -> `[B, B]`: cosine similarity of each text with every second text, times
+    EMBED_SCALE; row i's answer is column i. `twins [B, B]` marks other rows' second texts identical to
+    row i's: they are not negatives, so they are left out of its softmax."""
+    scores = F.normalize(texts, dim=-1) @ F.normalize(seconds, dim=-1).T * EMBED_SCALE
+    return scores if twins is None else scores.masked_fill(twins, float("-inf"))
+
+
+def twin_mask(seconds: list[list[int]]) -> torch.Tensor:
+    """`[B, B]`: True where row j's second text is row i's, for j != i."""
+    same = [[a == b and i != j for j, b in enumerate(seconds)] for i, a in enumerate(seconds)]
+    return torch.tensor(same, dtype=torch.bool)
+
+
 def logits_of(task: str, output) -> torch.Tensor:
     """The model's output as the server computes it: `[B, labels]`, or `[B, T, labels]` for tokens and
     qa (qa: start and end logits in the last dimension)."""
@@ -203,8 +252,10 @@ def collate_targets(task: str, targets: list, width: int) -> torch.Tensor:
     """A batch's targets as the loss takes them (token targets padded to `width` with IGNORE)."""
     if task == "tokens":
         return torch.tensor([t + [IGNORE] * (width - len(t)) for t in targets])  # [B, T]
-    if task in ("multi-label", "regression"):
+    if task in ("multi-label", "regression", "rerank"):
         return torch.tensor(targets, dtype=torch.float32)  # [B, labels] or [B]
+    if task == "embed":
+        return torch.arange(len(targets))  # [B] the column of each row's own second text
     return torch.tensor(targets)  # [B] label ids, or [B, 2] start and end tokens
 
 
@@ -214,6 +265,8 @@ def loss_of(task: str, logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
         return F.binary_cross_entropy_with_logits(logits, targets)
     if task == "regression":
         return F.mse_loss(logits[:, 0], targets)
+    if task == "rerank":
+        return F.binary_cross_entropy_with_logits(logits[:, 0], targets)
     if task == "tokens":
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
     if task == "qa":
@@ -223,8 +276,19 @@ def loss_of(task: str, logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return F.cross_entropy(logits, targets)
 
 
-def chance_loss(task: str, features: Features, labels: list[str]) -> tuple[float, str, str]:
+def chance_loss(
+    task: str, features: Features, labels: list[str], batch_size: int = 1
+) -> tuple[float, str, str]:
     """(the training loss of a guess that learned nothing, its formula, what that guess is)."""
+    if task == "embed":
+        return math.log(batch_size), f"ln({batch_size})", "a uniform guess among a batch's second texts"
+    if task == "rerank":
+        mean = sum(features.targets) / len(features.targets)
+        entropy = -sum(
+            y * math.log(mean) + (1 - y) * math.log(1 - mean) if 0 < mean < 1 else 0.0
+            for y in features.targets
+        ) / len(features.targets)
+        return entropy, "the relevances' cross-entropy with their mean", "always answering the mean relevance"
     if task == "regression":
         return 1.0, "1", "always answering the mean (the targets are z-scored)"
     if task == "multi-label":
@@ -253,9 +317,22 @@ def evaluate(
     labels: list[str],
     train: Examples,
     max_answer_length: int = 30,
+    base_outputs: list[torch.Tensor] | None = None,
 ) -> dict:
     """Validation metrics of `outputs` (one per feature, as `logits_of` gives them, a row's own tokens
-    only) and the figures of the task's trivial baseline under BASELINES[task]."""
+    only; embed: `[2, H]`, the text's vector and its second text's) and the figures of the task's trivial
+    baseline under BASELINES[task] (embed: of `base_outputs`, the base model's vectors, when given)."""
+    if task == "embed":
+        metrics = retrieval_metrics(outputs)
+        if base_outputs is not None:
+            metrics[BASELINES[task]] = retrieval_metrics(base_outputs)
+        return metrics
+    if task == "rerank":
+        mean = sum(train.labels) / len(train.labels)
+        scores = [torch.sigmoid(out[0]).item() for out in outputs]
+        metrics = relevance_metrics(examples.labels, scores)
+        metrics[BASELINES[task]] = {"value": mean, **relevance_metrics(examples.labels, [mean] * len(scores))}
+        return metrics
     if task == "multi-label":
         pred = [[float(v > 0) for v in out.tolist()] for out in outputs]
         gold = [[float(lab in row) for lab in labels] for row in examples.labels]
@@ -372,6 +449,46 @@ def regression_metrics(gold: list[float], pred: list[float]) -> dict:
     }
 
 
+def relevance_metrics(gold: list[float], scores: list[float]) -> dict:
+    """A reranker's figures: ROC AUC (pairs of relevance >= 0.5 against the others; None when the rows
+    are all of one side), accuracy at 0.5 and the mean squared error of the scores (Brier)."""
+    relevant = [s for g, s in zip(gold, scores, strict=True) if g >= 0.5]
+    others = [s for g, s in zip(gold, scores, strict=True) if g < 0.5]
+    auc = None
+    if relevant and others:
+        ordered = sorted(others)
+        wins = 0.0
+        for s in relevant:  # other scores below s count 1, equal ones 1/2
+            below, upto = bisect.bisect_left(ordered, s), bisect.bisect_right(ordered, s)
+            wins += below + (upto - below) / 2
+        auc = wins / (len(relevant) * len(others))
+    right = sum((s >= 0.5) == (g >= 0.5) for g, s in zip(gold, scores, strict=True))
+    n = len(gold)
+    return {
+        "auc": auc,
+        "accuracy": right / n,
+        "mse": sum((g - s) ** 2 for g, s in zip(gold, scores, strict=True)) / n,
+        "examples": n,
+    }
+
+
+def retrieval_metrics(outputs: list[torch.Tensor]) -> dict:
+    """Each row's text searches all rows' second texts by cosine similarity: the share of rows whose own
+    second text comes first (top-1), the mean reciprocal rank of it (MRR), and a random order's MRR."""
+    texts = F.normalize(torch.stack([out[0] for out in outputs]).float(), dim=-1)  # [N, H]
+    seconds = F.normalize(torch.stack([out[1] for out in outputs]).float(), dim=-1)  # [N, H]
+    similarity = texts @ seconds.T  # [N, N]
+    own = similarity.diagonal()[:, None]  # [N, 1]
+    ranks = (similarity > own).sum(1) + 1  # [N] 1 when the own second text is the nearest
+    n = len(outputs)
+    return {
+        "top1": float((ranks == 1).float().mean()),
+        "mrr": float((1.0 / ranks.float()).mean()),
+        "random_mrr": sum(1 / k for k in range(1, n + 1)) / n,
+        "examples": n,
+    }
+
+
 def qa_metrics(
     examples: Examples,
     features: Features,
@@ -437,8 +554,30 @@ def _token_f1(prediction: str, gold: str) -> float:
 
 def weak_reasons(task: str, validation: dict) -> list[str]:
     """Why the validation metrics are no better than the task's trivial baseline; empty when they are."""
-    base = validation[BASELINES[task]]
+    base = validation.get(BASELINES[task])
     rows = validation["examples"]
+    if task == "embed":
+        if base is None or validation["mrr"] > base["mrr"]:
+            return []
+        return [
+            f"held-out MRR {validation['mrr']:.4f} (top-1 {validation['top1']:.4f}) is no better than the "
+            f"base model's own embeddings ({base['mrr']:.4f}, top-1 {base['top1']:.4f}) over the {rows} "
+            "validation pairs"
+        ]
+    if task == "rerank":
+        reasons = []
+        if validation["auc"] is not None and validation["auc"] <= 0.5:
+            reasons.append(
+                f"held-out AUC {validation['auc']:.4f} is no better than a constant score (0.5): relevant "
+                "pairs do not score above the others"
+            )
+        if validation["mse"] >= base["mse"]:
+            reasons.append(
+                f"held-out mean squared error of the scores {validation['mse']:.4g} is no better than "
+                f"always answering the training mean relevance {base['value']:.4g} ({base['mse']:.4g} over "
+                f"the {rows} validation pairs)"
+            )
+        return reasons
     if task == "multi-label":
         always = f"always answering the most common label set {base['labels']}"
         return [

