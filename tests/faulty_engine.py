@@ -91,14 +91,14 @@ def _break_the_heads(engine) -> None:
     """Every head's computation raising for an adapter's slot (the empty slot still runs)."""
     from loraplex.engine.heads import SlotHead
 
-    run = SlotHead._run
+    forward = SlotHead.forward
 
-    def broken(self, y, slot):
-        if slot != engine.empty_slot and not engine.warming and _armed():
+    def broken(self, x, batch):
+        if any(slot != engine.empty_slot for slot in batch.distinct) and not engine.warming and _armed():
             raise IndexError("index 7 is out of bounds for dimension 0 with size 3")
-        return run(self, y, slot)
+        return forward(self, x, batch)
 
-    SlotHead._run = broken
+    SlotHead.forward = broken
 
 
 def main(argv: list[str]) -> int:
