@@ -166,7 +166,7 @@ def complete(doc: dict, *, max_client_batch: int) -> dict:
             for name in TEXT_LISTS:
                 for option in [properties.get(name, {}), *properties.get(name, {}).get("anyOf", ())]:
                     if option.get("type") == "array":
-                        option["maxItems"] = max_client_batch
+                        option.setdefault("maxItems", max_client_batch)
             for parameter in operation.get("parameters", ()):
                 if parameter["name"] in _PATH_EXAMPLES:
                     parameter["example"] = _PATH_EXAMPLES[parameter["name"]]

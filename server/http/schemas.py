@@ -5,7 +5,15 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from loraplex.adapters.store import ADAPTER_ID_RE
 
@@ -25,7 +33,18 @@ PAIR_INPUTS_SCHEMA = {
     "description": "one text, or a list of 1..max_client_batch items, each a text or a pair "
     "[text, text_pair]; no text is empty or contains NUL",
 }
-Direction = Literal["right", "left"]
+
+
+def _direction(value: object) -> object:
+    # TEI spells the sides "Right" and "Left"; both spellings mean the same.
+    return value.lower() if value in ("Right", "Left") else value
+
+
+Direction = Annotated[
+    Literal["right", "left"],
+    BeforeValidator(_direction),
+    WithJsonSchema({"type": "string", "enum": ["right", "left", "Right", "Left"], "default": "right"}),
+]
 
 
 def _whole(value: object) -> object:
@@ -89,6 +108,17 @@ class EmbedRequest(TextsRequest):
     normalize: bool | None = Field(
         None, description="unit length; default: the base's sentence-transformers config"
     )
+    dimensions: Count | None = Field(
+        None, description="the model's own dimension only (vectors are never cut); other values: 422"
+    )
+    prompt_name: None = Field(None, description="TEI's field; no prompts are configured, so only null")
+
+    @field_validator("prompt_name", mode="before")
+    @classmethod
+    def _no_prompt(cls, value: object) -> object:
+        if value is not None:
+            raise ValueError("is not supported: this server has no prompts configured; leave it out")
+        return value
 
 
 class TokensRequest(TextsRequest):
@@ -115,8 +145,16 @@ class OpenAIEmbeddingsRequest(BaseModel):
 
     model: str = Field(max_length=256, description="an adapter id; the base model's name: no adapter")
     input: Annotated[str | list[str], WithJsonSchema(INPUTS_SCHEMA)]
-    encoding_format: Literal["float"] = "float"
-    user: str | None = None
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="base64: each vector's little-endian float32 bytes, base64-encoded"
+    )
+    dimensions: Count | None = Field(
+        None, description="the model's own dimension only (vectors are never cut); other values: 422"
+    )
+    user: str | None = Field(None, max_length=256)
+    adapter_id: Annotated[str | None, WithJsonSchema({"anyOf": [ADAPTER_ID_SCHEMA, {"type": "null"}]})] = (
+        Field(None, max_length=64, description="the adapter, where `model` does not name it")
+    )
 
     @field_validator("input", mode="before")
     @classmethod
@@ -167,12 +205,31 @@ class AnswerRequest(BaseModel):
     """/answer: questions answered by spans of their contexts, as Hugging Face's question-answering
     pipeline answers them."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # `inputs`, or one `question` with its `context`: never both shapes in one body.
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={
+            "anyOf": [
+                {
+                    "required": ["inputs"],
+                    "not": {"anyOf": [{"required": ["question"]}, {"required": ["context"]}]},
+                },
+                {"required": ["question", "context"], "not": {"required": ["inputs"]}},
+            ]
+        },
+    )
 
     adapter_id: Annotated[str, WithJsonSchema(ADAPTER_ID_SCHEMA)] = Field(
         max_length=64, description="a QUESTION_ANS adapter"
     )
-    inputs: Annotated[Any, WithJsonSchema(QA_INPUTS_SCHEMA)]
+    inputs: Annotated[Any, WithJsonSchema(QA_INPUTS_SCHEMA)] = None
+    question: Annotated[str | None, WithJsonSchema(TEXT_SCHEMA)] = Field(
+        None, description="one question, with `context` (instead of `inputs`)"
+    )
+    context: Annotated[str | None, WithJsonSchema(TEXT_SCHEMA)] = Field(
+        None, description="the context of `question` (instead of `inputs`)"
+    )
     top_k: Count = Field(1, description="the k best answers per input, best first")
     doc_stride: Stride = Field(
         128, description="tokens that consecutive windows of a long context share; below the room per window"
@@ -190,6 +247,27 @@ class AnswerRequest(BaseModel):
     @classmethod
     def _pairs(cls, value: object) -> object:
         return check_qa_inputs(value)
+
+    @field_validator("question", "context", mode="before")
+    @classmethod
+    def _text(cls, value: object) -> object:
+        _check_text(value, "")
+        return value
+
+    @model_validator(mode="after")
+    def _one_shape(self) -> AnswerRequest:
+        top_level = self.question is not None or self.context is not None
+        if self.inputs is not None and top_level:
+            raise ValueError("send either inputs, or question and context, not both")
+        if self.inputs is None:
+            if self.question is None or self.context is None:
+                missing = "inputs" if not top_level else "context" if self.context is None else "question"
+                raise ValueError(
+                    f"{missing} is required: send question and context, or inputs (a list of "
+                    '{"question": ..., "context": ...} objects)'
+                )
+            self.inputs = {"question": self.question, "context": self.context}
+        return self
 
     def pairs(self) -> list[tuple[str, str]]:
         items = [self.inputs] if isinstance(self.inputs, dict) else self.inputs
