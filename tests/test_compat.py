@@ -222,13 +222,15 @@ def test_adapter_named_by_body_header_or_model(srv):
     )
     same = post(srv, "/embed", {"adapter_id": "emb", "inputs": "hi"}, {"X-Adapter-Id": "emb"})
     assert same.status_code == 200
-    by_body = post(srv, "/v1/embeddings", {"model": "emb", "adapter_id": "emb", "input": "hi"})
-    assert by_body.status_code == 200 and by_body.json()["adapter_id"] == "emb"
+    by_model = post(srv, "/v1/embeddings", {"model": "emb", "input": "hi"}, {"X-Adapter-Id": "emb"})
+    assert by_model.status_code == 200 and by_model.json()["adapter_id"] == "emb"
+    # `model` naming the base model names no adapter: the header's runs on it
+    on_base = post(srv, "/v1/embeddings", {"model": BASE, "input": "hi"}, {"X-Adapter-Id": "emb"})
+    assert on_base.status_code == 200 and on_base.json()["adapter_id"] == "emb"
     conflicts = [
         ("/embed", {"adapter_id": "emb", "inputs": "hi"}, {"X-Adapter-Id": "other"}),
         ("/classify", {"adapter_id": "sent", "inputs": "hi"}, {"X-Adapter-Id": "cross"}),
-        ("/v1/embeddings", {"model": BASE, "input": "hi"}, {"X-Adapter-Id": "emb"}),
-        ("/v1/embeddings", {"model": "emb", "adapter_id": "other", "input": "hi"}, {}),
+        ("/v1/embeddings", {"model": "sent", "input": "hi"}, {"X-Adapter-Id": "emb"}),
     ]
     for route, body, headers in conflicts:
         answer = post(srv, route, body, headers)

@@ -5,6 +5,7 @@ when it is accepted anyway (another base model, no labels); the labels part's do
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import httpx
@@ -70,6 +71,10 @@ def test_every_task_is_listed_and_served_after_a_restart(folders, tmp_path, caps
         assert rows["emb"][2:4] == ["FEATURE_EXTRACTION", "/embed,/v1/embeddings"]
         assert rows["squad"][2:4] == ["QUESTION_ANS", "/answer"]
         assert "damaged" not in first.log()
+        # the access log, as text by default: one line per request
+        assert re.search(
+            r" INFO loraplex\.access: POST /embed adapter=emb status=200 rows=2 ms=\d", first.log()
+        )
 
     # A new server on the same store, nothing preloaded: every adapter is there and serves.
     with LiveServer("--adapter-store", str(store)) as second:

@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from loraplex.adapters.errors import PayloadTooLargeError, UnavailableError
 from loraplex.http.errors import response_for
+from loraplex.http.schemas import openai_error
 from loraplex.metrics import method_label
 
 # Routes that never queue work: open during loading and draining, not counted as in flight.
@@ -31,19 +32,6 @@ OPS_PREFIX = "/docs/"  # the docs' assets and OAuth redirect page
 NOT_READY = "not_ready"
 ACCESS_KEY = "loraplex.access"  # scope key: {"adapter": ..., "rows": ...} as the route learns them
 OPENAI_PREFIX = "/v1/"
-# API.md's error kinds as OpenAI's `type`
-OPENAI_TYPES = {
-    "validation": "invalid_request_error",
-    "bad_request": "invalid_request_error",
-    "payload_too_large": "invalid_request_error",
-    "unsupported_media_type": "invalid_request_error",
-    "unauthorized": "authentication_error",
-    "not_found": "not_found_error",
-    "conflict": "conflict_error",
-    "overloaded": "rate_limit_error",
-    "unavailable": "server_error",
-    "internal": "server_error",
-}
 access_log = logging.getLogger("loraplex.access")
 
 _REFUSED = {
@@ -202,7 +190,5 @@ def _openai_body(raw: bytes, status: int) -> bytes:
         flat = None
     if not isinstance(flat, dict) or not isinstance(flat.get("error"), str):
         return raw  # not one of ours
-    kind = str(flat.get("error_type", "internal"))
-    error = {"message": flat["error"], "type": OPENAI_TYPES.get(kind, "invalid_request_error"), "param": None}
-    error["code"] = kind
-    return json.dumps({"error": error, "error_type": kind}, ensure_ascii=True).encode()
+    body = openai_error(flat["error"], str(flat.get("error_type", "internal")))
+    return json.dumps(body, ensure_ascii=True).encode()

@@ -152,9 +152,6 @@ class OpenAIEmbeddingsRequest(BaseModel):
         None, description="the model's own dimension only (vectors are never cut); other values: 422"
     )
     user: str | None = Field(None, max_length=256)
-    adapter_id: Annotated[str | None, WithJsonSchema({"anyOf": [ADAPTER_ID_SCHEMA, {"type": "null"}]})] = (
-        Field(None, max_length=64, description="the adapter, where `model` does not name it")
-    )
 
     @field_validator("input", mode="before")
     @classmethod
@@ -424,3 +421,47 @@ ERROR_RESPONSES = {
 def _json_type(value: object) -> str:
     names = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", dict: "an object"}
     return names.get(type(value), "a list" if isinstance(value, list) else type(value).__name__)
+
+
+class OpenAIError(BaseModel):
+    message: str = Field(description="a sentence saying what to change")
+    type: str = Field(description="OpenAI's kind: invalid_request_error, not_found_error, ...")
+    param: str | None = None
+    code: str = Field(description="loraplex's kind, as error_type")
+
+
+class OpenAIErrorBody(BaseModel):
+    """Errors on /v1/*: OpenAI's shape, with API.md's kind beside it."""
+
+    error: OpenAIError
+    error_type: str = Field(description="validation, bad_request, unauthorized, not_found, ...")
+
+
+OPENAI_TYPES = {
+    "validation": "invalid_request_error",
+    "bad_request": "invalid_request_error",
+    "payload_too_large": "invalid_request_error",
+    "unsupported_media_type": "invalid_request_error",
+    "unauthorized": "authentication_error",
+    "not_found": "not_found_error",
+    "conflict": "conflict_error",
+    "overloaded": "rate_limit_error",
+    "unavailable": "server_error",
+    "internal": "server_error",
+}
+
+
+def openai_error(message: str, kind: str) -> dict:
+    """The /v1/* error body for an error of `kind` (API.md's kinds)."""
+    error = {"message": message, "type": OPENAI_TYPES.get(kind, "invalid_request_error"), "param": None}
+    return {"error": {**error, "code": kind}, "error_type": kind}
+
+
+OPENAI_ERROR_RESPONSES = {
+    code: {
+        "model": OpenAIErrorBody,
+        "description": text,
+        "content": {"application/json": {"example": openai_error(example, ERROR_TYPES[code])}},
+    }
+    for code, (text, example) in _ERRORS.items()
+}

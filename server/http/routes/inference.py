@@ -99,27 +99,22 @@ def check_batch(request: Request, count: int, adapter_id: str | None, what: str 
     return chosen
 
 
-_NO_MODEL = object()
-
-
-def choose_adapter(request: Request, adapter_id: str | None, model: object = _NO_MODEL) -> str | None:
+def choose_adapter(request: Request, adapter_id: str | None, model: str | None = None) -> str | None:
     """The one rule of every inference route: `adapter_id` in the body, else the X-Adapter-Id header, else
-    OpenAI's `model` (where the route has it; `model` is None when it names the base model). Names that
-    are given and differ are a 422, never a silent choice. None: the base model."""
-    given = [("adapter_id in the body", adapter_id)]
+    OpenAI's `model` where it names an adapter (a `model` naming the base model names no adapter, so an
+    adapter named by either of the others runs on it). Names that are given and differ are a 422, never
+    a silent choice. None: the base model."""
+    named = [("adapter_id in the body", adapter_id)]
     routed = request.headers.get("x-adapter-id")
-    if routed is not None:
-        given.append(("the X-Adapter-Id header", routed or None))
-    if model is not _NO_MODEL:
-        given.append(("model", model))
-    named = [(where, name) for where, name in given if name is not None or where == "model"]
+    if routed:
+        named.append(("the X-Adapter-Id header", routed))
+    named.append(("model", model))
+    named = [(where, name) for where, name in named if name is not None]
     for (first, name), (second, other) in zip(named, named[1:], strict=False):
         if name != other:
-            shown = {None: "the base model"}
             raise InvalidInputError(
-                f"{second[0].upper() + second[1:]} names {shown.get(other, repr(other)[:80])}, but "
-                f"{first} names {shown.get(name, repr(name)[:80])}; send one adapter, or the same one in "
-                "both."
+                f"{second[0].upper() + second[1:]} names {other[:80]!r}, but {first} names {name[:80]!r}; "
+                "send one adapter, or the same one in both."
             )
     return named[0][1] if named else None
 

@@ -27,13 +27,15 @@ from loraplex.http.routes.inference import (
     read_body,
     respond,
 )
-from loraplex.http.schemas import ERROR_RESPONSES, OpenAIEmbeddingsRequest
+from loraplex.http.schemas import OPENAI_ERROR_RESPONSES, OpenAIEmbeddingsRequest
 
 router = APIRouter(tags=["openai"])
 BASE_ROUTES = ["/embed", "/v1/embeddings"]
 
 
-@router.post("/v1/embeddings", responses=ERROR_RESPONSES, openapi_extra=body_schema(OpenAIEmbeddingsRequest))
+@router.post(
+    "/v1/embeddings", responses=OPENAI_ERROR_RESPONSES, openapi_extra=body_schema(OpenAIEmbeddingsRequest)
+)
 async def openai_embeddings(request: Request, _auth: ApiKeyAuth) -> Response:
     """OpenAI's embeddings shape; `encoding_format` "base64" gives each vector's little-endian float32
     bytes, base64-encoded (what the SDK asks for by default)."""
@@ -41,7 +43,7 @@ async def openai_embeddings(request: Request, _auth: ApiKeyAuth) -> Response:
     texts = [body.input] if isinstance(body.input, str) else body.input
     model = None if names_base(request, body.model) else body.model
     check_batch(request, len(texts), None)
-    adapter_id = choose_adapter(request, body.adapter_id, model)
+    adapter_id = choose_adapter(request, None, model)  # OpenAI's body names the adapter in `model`
     note_access(request, adapter_id, len(texts))
     check_dimensions(request, body.dimensions)
     run = await infer(request, adapter_id, "/v1/embeddings", tokenizer(request, texts))
@@ -82,18 +84,18 @@ class ModelList(BaseModel):
     data: list[Model]
 
 
-@router.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES, summary="List models")
+@router.get("/v1/models", response_model=ModelList, responses=OPENAI_ERROR_RESPONSES, summary="List models")
 async def list_models(request: Request, _auth: ApiKeyAuth) -> ModelList:
     """The base model (embeddings) and every adapter, each with its task and routes."""
     records = await request.app.state.client.call("list")
     return ModelList(data=[_base_model(request), *(_adapter_model(r) for r in records)])
 
 
-ModelId = Annotated[str, Path(description="an adapter id or the base model's name", max_length=256)]
+ModelId = Annotated[str, Path(description="an adapter id or the base model's name")]
 
 
 @router.get(
-    "/v1/models/{model:path}", response_model=Model, responses=ERROR_RESPONSES, summary="Show a model"
+    "/v1/models/{model:path}", response_model=Model, responses=OPENAI_ERROR_RESPONSES, summary="Show a model"
 )
 async def get_model(model: ModelId, request: Request, _auth: ApiKeyAuth) -> Model:
     if names_base(request, model):

@@ -34,7 +34,7 @@ SEQUENCE_SCHEMA = {"type": "array", "items": TEXT_SCHEMA, "minItems": 1, "maxIte
 PREDICT_INPUTS_SCHEMA = {
     "anyOf": [
         TEXT_SCHEMA,
-        SEQUENCE_SCHEMA,
+        {**SEQUENCE_SCHEMA, "x-one-input": True},  # one [text] or [text, text_pair], not a list of inputs
         {"type": "array", "items": SEQUENCE_SCHEMA, "minItems": 1},
     ],
     "description": "TEI's inputs: a text, a pair [text, text_pair], or a batch of 1..max_client_batch "
@@ -43,10 +43,14 @@ PREDICT_INPUTS_SCHEMA = {
 
 
 class PredictRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # The document asks for adapter_id, which a schema can check; a body without it is served too when
+    # the X-Adapter-Id header names the adapter (TEI's clients name no model in the body).
+    model_config = ConfigDict(
+        extra="forbid", strict=True, json_schema_extra={"required": ["adapter_id", "inputs"]}
+    )
 
-    adapter_id: Annotated[str | None, WithJsonSchema({"anyOf": [ADAPTER_ID_SCHEMA, {"type": "null"}]})] = (
-        Field(None, max_length=64, description="the SEQ_CLS adapter; or name it in the X-Adapter-Id header")
+    adapter_id: Annotated[str | None, WithJsonSchema(ADAPTER_ID_SCHEMA)] = Field(
+        None, max_length=64, description="the SEQ_CLS adapter; or leave it out and name it in X-Adapter-Id"
     )
     inputs: Annotated[Any, WithJsonSchema(PREDICT_INPUTS_SCHEMA)]
     truncate: bool = Field(True, description="cut texts longer than the model maximum; false: 422 instead")
