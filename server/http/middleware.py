@@ -59,6 +59,17 @@ class ServingMiddleware:
         if path.startswith(OPENAI_PREFIX):
             send = _openai_errors(send)
 
+        label = None  # the matched route's template once routed; NOT_READY for a refusal while not ready
+        counted = False
+
+        def count() -> None:
+            # Before the answer goes out, so that a client that has its answer finds it counted.
+            nonlocal label, counted
+            if label is None:
+                label = _route_label(scope)
+            state.metrics.requests.labels(label, method_label(scope["method"]), str(status)).inc()
+            counted = True
+
         async def send_status(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
@@ -69,10 +80,11 @@ class ServingMiddleware:
                     (b"x-loraplex-replica", replica),
                     (b"x-loraplex-worker", worker),
                 ]
+                if not counted:
+                    count()
             await send(message)
 
         tracked = path not in OPS_PATHS and not path.startswith(OPS_PREFIX)
-        label = None  # the matched route's template once routed; NOT_READY for a refusal while not ready
         try:
             if not tracked:
                 await self.app(scope, receive, send_status)
@@ -91,10 +103,9 @@ class ServingMiddleware:
                 state.inflight -= 1
                 state.metrics.in_flight.dec()
         finally:
-            if label is None:
-                label = _route_label(scope)
+            if not counted:  # no answer was sent (an exception that escaped every handler)
+                count()
             seconds = time.perf_counter() - started
-            state.metrics.requests.labels(label, method_label(scope["method"]), str(status)).inc()
             state.metrics.request_seconds.labels(label).observe(seconds)
             _log_access(scope, label, access, status, seconds, tracked)
 
