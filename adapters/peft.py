@@ -53,6 +53,8 @@ class BaseSpec:
     head_defaults: dict[str, torch.Tensor]
     # the heads of the other tasks (TOKEN_CLS, QUESTION_ANS), keyed like head_tensors
     task_head_tensors: dict[str, dict[str, tuple[int | None, ...]]] | None = None
+    # other names of the served model, e.g. the directory that the embedded model's hub id is read from
+    aliases: tuple[str, ...] = ()
 
     def for_task(self, task: str) -> BaseSpec:
         """This base as an adapter of `task` sees it: that task's head, and the modules its model has."""

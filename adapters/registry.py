@@ -224,6 +224,22 @@ class Registry:
         model_filename: str | None = None,
     ) -> tuple[AdapterRecord, bool]:
         """Validate and store a new version, then make it current here. Returns (record, created)."""
+        record, created, _ = await self.put_noting(
+            adapter_id, config, model, labels, model_filename=model_filename
+        )
+        return record, created
+
+    async def put_noting(
+        self,
+        adapter_id: str,
+        config: bytes,
+        model: bytes,
+        labels: list[str] | None = None,
+        *,
+        model_filename: str | None = None,
+    ) -> tuple[AdapterRecord, bool, list[str]]:
+        """`put`, and the warnings of an adapter that was accepted but may not be what its owner meant
+        (trained on another base, labels never named): (record, created, warnings), each warning logged."""
         check_adapter_id(adapter_id)
         validated = await asyncio.to_thread(
             validate_upload,
@@ -248,7 +264,9 @@ class Registry:
             if previous is not None and previous.record.version != record.version:
                 self._retire(adapter_id, keep=record.version)
         log.info("adapter %s %s version %s", adapter_id, "created as" if created else "now", record.version)
-        return record, created
+        for warning in validated.warnings:
+            log.warning("adapter %s: %s", adapter_id, warning)
+        return record, created, list(validated.warnings)
 
     async def delete(self, adapter_id: str) -> None:
         """Remove `adapter_id` from the store; in-flight requests finish, new ones get NotFoundError."""

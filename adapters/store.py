@@ -42,6 +42,9 @@ ADAPTER_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 CONFIG_NAME = "adapter_config.json"
 MODEL_NAME = "adapter_model.safetensors"
 LABELS_NAME = "labels.json"
+# PEFT's task types that loraplex serves (the same names as in loraplex.adapters.peft, which needs torch).
+FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+TASK_TYPES = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", FEATURE_EXTRACTION)
 MANIFEST_NAME = "manifest.json"
 VERSION_LEN = 12  # hex digits of the content hash shown as `version`
 VERSION_RE = re.compile(rf"^[0-9a-f]{{{VERSION_LEN}}}$")
@@ -88,6 +91,9 @@ class AdapterRecord:
     labels: tuple[str, ...]
     size_bytes: int  # of adapter_model.safetensors
     created_at: str  # ISO 8601 UTC, when this version was first stored
+    # PEFT's task_type (SEQ_CLS, TOKEN_CLS, QUESTION_ANS, FEATURE_EXTRACTION): which route serves it.
+    # None: a manifest written before manifests recorded it, with labels (uploading it again records it).
+    task_type: str | None = None
 
     @property
     def num_labels(self) -> int:
@@ -114,6 +120,7 @@ class AdapterRecord:
             labels=tuple(str(label) for label in data["labels"]),
             size_bytes=int(data["size_bytes"]),
             created_at=str(data["created_at"]),
+            task_type=data.get("task_type"),
         )
 
 
@@ -144,19 +151,28 @@ def parse_manifest(raw: bytes, adapter_id: str) -> tuple[AdapterRecord, dict]:
     for name in ("target_modules", "labels"):
         if not all(isinstance(item, str) for item in data[name]):
             raise ValueError(f"its manifest's {name!r} is not a list of strings")
-    if not data["labels"] or data["rank"] < 1:
-        raise ValueError("its manifest has no labels or no rank")
+    if data["rank"] < 1:
+        raise ValueError("its manifest has no rank")
+    task_type = data.get("task_type")
+    if task_type is None and not data["labels"]:
+        # Written before manifests recorded the task: only an embedding adapter has no labels.
+        data = {**data, "task_type": FEATURE_EXTRACTION}
+    elif task_type is not None and task_type not in TASK_TYPES:
+        raise ValueError("its manifest's 'task_type' is not one of " + ", ".join(TASK_TYPES))
+    if bool(data["labels"]) == (data.get("task_type") == FEATURE_EXTRACTION):
+        raise ValueError("its manifest's labels do not fit its task (labels for every task but embeddings)")
     return AdapterRecord.from_json(data), data
 
 
 def parse_stored_labels(raw: bytes) -> tuple[str, ...]:
-    """The labels file of a stored version; ValueError when it is not a non-empty JSON list of strings."""
+    """The labels file of a stored version; ValueError when it is not a JSON list of strings (empty for an
+    embedding adapter: whether the labels fit the head is checked with the weights)."""
     try:
         labels = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise ValueError(f"its {LABELS_NAME} is not JSON") from None
-    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
-        raise ValueError(f"its {LABELS_NAME} is not a non-empty list of label names")
+    if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+        raise ValueError(f"its {LABELS_NAME} is not a list of label names")
     return tuple(labels)
 
 

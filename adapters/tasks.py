@@ -13,6 +13,7 @@ ROUTES = {SEQ_CLS: "/classify", TOKEN_CLS: "/tokens", QUESTION_ANS: "/answer", F
 # The task each inference route serves.
 ROUTE_TASKS = {
     "/classify": SEQ_CLS,
+    "/predict": SEQ_CLS,
     "/rerank": SEQ_CLS,
     "/tokens": TOKEN_CLS,
     "/answer": QUESTION_ANS,
@@ -25,6 +26,17 @@ _WHAT = {
     QUESTION_ANS: "extractive question answering",
     FEATURE_EXTRACTION: "embedding",
 }
+
+
+def routes_of(task_type: str | None, num_labels: int) -> list[str]:
+    """The inference routes that serve an adapter of `task_type` with `num_labels` outputs."""
+    if task_type is None:
+        return []
+    if task_type == SEQ_CLS:
+        return ["/classify", "/predict", "/rerank"] if num_labels == 1 else ["/classify", "/predict"]
+    if task_type == FEATURE_EXTRACTION:
+        return ["/embed", "/v1/embeddings"]
+    return [ROUTES[task_type]]
 
 
 def require_task(handle, task: str, route: str) -> None:

@@ -37,6 +37,7 @@ class ValidatedAdapter:
     record: AdapterRecord
     files: AdapterFiles
     weights: AdapterWeights
+    warnings: tuple[str, ...] = ()  # accepted, but maybe not what the owner meant (`upload_warnings`)
 
 
 def load_tensors(data: bytes, filename: str | None = None) -> dict[str, torch.Tensor]:
@@ -63,11 +64,6 @@ def load_tensors(data: bytes, filename: str | None = None) -> dict[str, torch.Te
             raise InvalidAdapterError(
                 f"Tensor '{key}' has dtype {str(tensor.dtype).removeprefix('torch.')}; "
                 "use float32, float16, bfloat16 or float64."
-            )
-        wanted = 1 if key.endswith(".bias") else 2
-        if tensor.dim() != wanted:
-            raise InvalidAdapterError(
-                f"Tensor '{key}' has shape {list(tensor.shape)}; it must be {wanted}-D."
             )
     return tensors
 
@@ -169,8 +165,39 @@ def validate_upload(
         labels=weights.labels,
         size_bytes=len(model_bytes),
         created_at=utc_now(),
+        task_type=weights.task,
     )
-    return ValidatedAdapter(record=record, files=files, weights=weights)
+    warnings = upload_warnings(config, labels, weights, base)
+    return ValidatedAdapter(record=record, files=files, weights=weights, warnings=warnings)
+
+
+def upload_warnings(
+    config: dict, labels: list[str] | None, weights: AdapterWeights, base: BaseSpec
+) -> tuple[str, ...]:
+    """What an upload that fits the base gets told anyway: its config names another base model (same
+    shapes, other weights: its answers are likely wrong), or it sent no label names for a head."""
+    warnings = []
+    trained = config.get("base_model_name_or_path")
+    served = {_model_name(name) for name in (base.model_name, *base.aliases)}
+    if isinstance(trained, str) and trained.strip() and _model_name(trained) not in served:
+        warnings.append(
+            f"adapter_config.json names base model {trained[:200]!r}, but this server serves "
+            f"{base.model_name!r}; the shapes fit, but an adapter trained on other weights gives wrong "
+            "answers. Train it on the served model, or serve the model it was trained on."
+        )
+    if labels is None and weights.num_labels > 0:
+        names = ", ".join(weights.labels[:3]) + (", ..." if weights.num_labels > 3 else "")
+        warnings.append(
+            f"No labels were sent (no labels part, or no labels.json in the folder): the head's "
+            f"{weights.num_labels} outputs are named {names}. Send the label names in head order."
+        )
+    return tuple(warnings)
+
+
+def _model_name(name: str) -> str:
+    """A model's name without where it lives: "org/all-MiniLM-L6-v2" and "/models/all-minilm-l6-v2/"
+    name the same model."""
+    return name.strip().rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1].lower()
 
 
 def load_stored(files: AdapterFiles, base: BaseSpec, *, max_rank: int, max_labels: int) -> AdapterWeights:

@@ -337,9 +337,10 @@ def _yes_no(value: bool | None) -> str:
 
 
 def adapters_table(infos: list[AdapterInfo]) -> str:
-    header = ("ID", "VERSION", "LABELS", "RANK", "TARGETS", "SIZE", "RESIDENT", "CREATED")
+    header = ("ID", "VERSION", "TASK", "ROUTE", "LABELS", "RANK", "TARGETS", "SIZE", "RESIDENT", "CREATED")
     rows = [
-        (a.adapter_id, a.version, ",".join(a.labels), "-" if a.rank is None else str(a.rank),
+        (a.adapter_id, a.version, a.task_type or "-", ",".join(a.routes) or "-", ",".join(a.labels) or "-",
+         "-" if a.rank is None else str(a.rank),
          ",".join(a.target_modules) or "-", _size(a.size_bytes), _yes_no(a.resident), a.created_at or "-")
         for a in infos
     ]  # fmt: skip
@@ -393,7 +394,7 @@ def classify(args: argparse.Namespace, client: Client, texts: list[str], p: Prin
 
 def embed(args: argparse.Namespace, client: Client, texts: list[str], p: Printer) -> None:
     def send(chunk: list[str]) -> Any:
-        return client.embed(chunk, args.adapter_id, pooling=args.pooling, normalize=args.normalize)
+        return client.embed(args.adapter_id, chunk, pooling=args.pooling, normalize=args.normalize)
 
     rows = []
     for start, answer in in_chunks(args, texts, "/embed", "inputs", send):
@@ -486,8 +487,11 @@ def adapters(args: argparse.Namespace, client: Client, p: Printer) -> None:
         if args.json:
             return p.done({"created": info.created, **info.raw})
         verb = "created" if info.created else "replaced"
-        return p.done(f"{verb} {info.adapter_id} version {info.version}: {info.num_labels} labels "
-                      f"({', '.join(info.labels)}), rank {info.rank}, {_size(info.size_bytes)}")  # fmt: skip
+        what = f"{info.num_labels} labels ({', '.join(info.labels)})" if info.labels else "no labels"
+        task = f"{info.task_type} adapter for {', '.join(info.routes)}: " if info.task_type else ""
+        warned = "".join(f"\nwarning: {w}" for w in info.warnings)
+        return p.done(f"{verb} {info.adapter_id} version {info.version}: {task}{what}, rank {info.rank}, "
+                      f"{_size(info.size_bytes)}{warned}")  # fmt: skip
     if args.action == "ls":
         infos = client.list()
         if args.json:

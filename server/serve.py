@@ -34,6 +34,7 @@ from types import FrameType
 
 import uvicorn
 
+from loraplex import logs
 from loraplex.settings import Settings, SettingsError, build_parser, load_settings
 
 log = logging.getLogger("loraplex.serve")
@@ -57,9 +58,7 @@ def main(argv: list[str] | None = None, *, engine_factory=None) -> int:
     except SettingsError as exc:
         print(f"loraplex serve: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
-    )
+    logs.configure(settings.log_level, settings.log_format)
     return Supervisor(settings, engine_factory).run()
 
 
@@ -97,9 +96,9 @@ def _uses_cuda(settings: Settings) -> bool:
 
 class Supervisor:
     def __init__(self, settings: Settings, engine_factory=None):
-        self.settings = settings
         self.engine_factory = engine_factory
         self.workers = settings.workers or default_workers(settings)
+        self.settings = settings.model_copy(update={"workers": self.workers})  # as the start line says
         self.stopping = False
         self.forced = False
         self.signals: deque[int] = deque()
@@ -199,7 +198,8 @@ class Supervisor:
         config = uvicorn.Config(
             app,
             log_level=s.log_level,
-            access_log=s.log_level == "debug",
+            log_config=None,  # uvicorn's records go through this process's own handler and format
+            access_log=False,  # loraplex.access logs every request (loraplex.http.middleware)
             lifespan="on",
             timeout_graceful_shutdown=5,
         )

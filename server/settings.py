@@ -123,6 +123,9 @@ class Settings(BaseSettings):
         64, ge=0, description="adapters with their own metrics label; the rest count under 'other'"
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="logging")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="log lines as text, or as one JSON object a line (for log shippers)"
+    )
     replica_id: str = Field(
         default_factory=lambda: socket.gethostname()[:128] or "loraplex",
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$",
@@ -216,7 +219,7 @@ class Settings(BaseSettings):
         except ValueError:
             return False
 
-    @field_validator("log_level", mode="before")
+    @field_validator("log_level", "log_format", mode="before")
     @classmethod
     def _lower_log_level(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value

@@ -189,7 +189,7 @@ def test_embed_base_and_adapter(srv, capsys, monkeypatch):
     with Client(srv.url) as client:
         base = client.embed(texts[:LIMIT]).vectors + client.embed(texts[LIMIT:]).vectors
         adapted = (
-            client.embed(texts[:LIMIT], "vectors").vectors + client.embed(texts[LIMIT:], "vectors").vectors
+            client.embed("vectors", texts[:LIMIT]).vectors + client.embed("vectors", texts[LIMIT:]).vectors
         )
     code, out, err = run(capsys, monkeypatch, "embed", "--base", *texts, "--json", "--url", srv.url)
     lines = json_lines(out)

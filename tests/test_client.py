@@ -331,8 +331,9 @@ def test_cli_push_ls_show_classify_rm(srv, adapters, capsys, monkeypatch):
 
     code, out, _ = cli(capsys, "adapters", "ls")
     header, *rows = out.splitlines()
-    assert code == 0 and header.split()[:3] == ["ID", "VERSION", "LABELS"]
-    assert any(row.split()[:3] == ["cli-sent", pushed["version"], "n,m,p"] for row in rows)
+    assert code == 0 and header.split()[:5] == ["ID", "VERSION", "TASK", "ROUTE", "LABELS"]
+    row = ["cli-sent", pushed["version"], "SEQ_CLS", "/classify,/predict", "n,m,p"]
+    assert any(line.split()[:5] == row for line in rows)
     code, out, _ = cli(capsys, "adapters", "ls", "--json")
     assert code == 0 and "cli-sent" in [a["adapter_id"] for a in json.loads(out)["adapters"]]
     code, out, _ = cli(capsys, "adapters", "show", "cli-sent", "--json")

@@ -63,7 +63,9 @@ def test_text_lists_are_capped_at_max_client_batch_as_the_server_enforces(srv, d
             for name in ("inputs", "input", "texts"):
                 if name in properties:
                     field = properties[name]
-                    arrays = [o for o in [field, *field.get("anyOf", ())] if o.get("type") == "array"]
+                    options = [o for o in [field, *field.get("anyOf", ())] if o.get("type") == "array"]
+                    # TEI's /predict reads ["text", "text_pair"] as one input (a pair), not as a list
+                    arrays = [o for o in options if not o.get("x-one-input")]
                     assert arrays, (path, name)
                     assert all(a["maxItems"] == MAX_CLIENT_BATCH for a in arrays), (path, name)
                     capped.append(path)

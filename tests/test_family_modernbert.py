@@ -18,10 +18,12 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 from transformers import AutoModel, AutoModelForMaskedLM, ModernBertConfig
 
 from loraplex.adapters.errors import InvalidAdapterError
 from loraplex.adapters.peft import parse_adapter
+from loraplex.adapters.validate import validate_upload
 from loraplex.engine.core import Engine
 from tests.device_support import DEVICE, TOLERANCE
 from tests.family_support import (
@@ -199,3 +201,23 @@ def test_config_without_targets_uses_wqkv(cls_family):
     assert adapter.target_modules == ("Wqkv",)
     with pytest.raises(InvalidAdapterError, match="matches no linear layer"):  # BERT's names are not here
         parse_adapter({**config, "target_modules": ["query", "value"]}, tensors, engine.base)
+
+
+def test_upload_of_a_saved_head_with_its_one_dimensional_norm(mean_family, tmp_path):
+    """modules_to_save=["head", "classifier"] saves head.norm.weight (and its bias): 1-D tensors that an
+    upload takes, checked by shape against the base's own head; a wrong shape is refused by name."""
+    model_dir, adapters = mean_family
+    engine = Engine(model_dir, device="cpu", num_slots=1)
+    config, tensors = saved(adapters[0])
+    norm = "base_model.model.head.norm.weight"
+    assert tensors[norm].dim() == 1 and set(HEAD) <= set(config["modules_to_save"])
+    raw = (adapters[0] / "adapter_model.safetensors").read_bytes()
+    config_bytes = (adapters[0] / "adapter_config.json").read_bytes()
+    limits = dict(max_rank=64, max_labels=32)
+    validated = validate_upload("modern", config_bytes, raw, None, engine.base, **limits)
+    assert torch.equal(validated.weights.head["head.norm.weight"], tensors[norm].float())
+    assert validated.record.task_type == "SEQ_CLS"
+    for bad in (tensors[norm][:-1], tensors[norm][None, :], tensors[norm].sum()):
+        broken = save_safetensors({**tensors, norm: bad.contiguous()})
+        with pytest.raises(InvalidAdapterError, match=r"head\.norm\.weight' has shape .*expected \[64\]"):
+            validate_upload("modern", config_bytes, broken, None, engine.base, **limits)

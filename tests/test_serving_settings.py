@@ -56,6 +56,7 @@ VALUES = {
     "preload": ("a=/tmp", ["a=/tmp"]),
     "metrics_max_adapters": ("5", 5),
     "log_level": ("WARNING", "warning"),
+    "log_format": ("JSON", "json"),
     "replica_id": ("replica-2", "replica-2"),
 }
 

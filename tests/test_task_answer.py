@@ -156,6 +156,10 @@ def test_short_contexts_match_peft(srv, adapters):
     one = post(srv, {"adapter_id": "qa", "inputs": {"question": SHORT[1][0], "context": SHORT[1][1]}})
     assert one.status_code == 200, one.text
     assert_same(one.json()["results"], want[1:2])
+    # ... or the question and its context at the top level, without inputs.
+    top = post(srv, {"adapter_id": "qa", "question": SHORT[1][0], "context": SHORT[1][1]})
+    assert top.status_code == 200, top.text
+    assert_same(top.json()["results"], want[1:2])
 
 
 def test_a_long_context_is_read_in_windows(srv, adapters):
@@ -271,6 +275,11 @@ LONG_QUESTION = " ".join(["why"] * 60)
         ({"inputs": [{"question": "Who?"}]}, ["inputs[0].context", "required"]),
         ({"inputs": [{"question": "Who?", "context": "x", "answer": "y"}]}, ["inputs[0].answer"]),
         ({"inputs": []}, ["empty list"]),
+        ({}, ["inputs is required", "question and context"]),
+        ({"question": "Who?"}, ["context is required"]),
+        ({"context": "x"}, ["question is required"]),
+        ({"question": "Who?", "context": "x", "inputs": inputs(SHORT)}, ["not both"]),
+        ({"question": "", "context": "x"}, ["question", "empty"]),
         ({"inputs": ["Who?"]}, ["inputs[0]", "object"]),
         ({"inputs": inputs(SHORT), "top_k": "2"}, ["top_k"]),
         ({"inputs": inputs(SHORT * 11)}, ["33 questions", "at most 32"]),

@@ -136,14 +136,15 @@ def test_rerank_sorts_by_the_cross_encoder(srv, adapters):
         ("/rerank", {"adapter_id": "cross", "query": "", "texts": ["a"]}, "empty string"),
         ("/rerank", {"adapter_id": "cross", "query": "q", "texts": "a"}, "list of strings"),
         ("/rerank", {"adapter_id": "cross", "query": "q", "texts": ["a"], "top_n": 0}, "top_n"),
-        ("/v1/embeddings", {"model": "emb", "input": "hi", "encoding_format": "base64"}, "encoding_format"),
+        ("/v1/embeddings", {"model": "emb", "input": "hi", "encoding_format": "binary"}, "encoding_format"),
     ],
 )
 def test_wrong_adapter_or_bad_input_is_a_422(srv, route, body, words):
     response = post(srv, route, body)
     assert response.status_code == 422, response.text
     error = response.json()
-    assert error["error_type"] == "validation" and words in error["error"], error
+    message = error["error"]["message"] if route.startswith("/v1/") else error["error"]  # OpenAI's shape
+    assert error["error_type"] == "validation" and words in message, error
 
 
 def test_unknown_adapter_is_a_404(srv):
@@ -174,10 +175,16 @@ def test_client_methods(srv):
     from loraplex.client import AsyncClient, Client, ValidationError
 
     with Client(srv.url) as client:
-        embedded = client.embed(TEXTS, "emb")
+        embedded = client.embed("emb", TEXTS)
         direct = vectors(post(srv, "/embed", {"adapter_id": "emb", "inputs": TEXTS}).json())
         torch.testing.assert_close(torch.tensor(embedded.vectors), direct, atol=1e-6, rtol=0)
         assert client.embed("hi").adapter_id is None
+        assert client.embed(None, ["hi"]).adapter_id is None
+        with pytest.warns(DeprecationWarning, match=r"embed\(adapter_id, inputs\)"):
+            old_order = client.embed(TEXTS, "emb")  # the order of earlier versions still works
+        assert old_order.vectors == embedded.vectors
+        with pytest.warns(DeprecationWarning):
+            assert client.embed("Hello there.", "emb").adapter_id == "emb"
         ranking = client.rerank("cross", QUERY, TEXTS, top_n=2, return_text=True)
         want = post(srv, "/rerank", {"adapter_id": "cross", "query": QUERY, "texts": TEXTS}).json()["results"]
         best = [(w["index"], TEXTS[w["index"]]) for w in want[:2]]
@@ -185,7 +192,7 @@ def test_client_methods(srv):
         pair = client.classify("sent", [[QUERY, TEXTS[0]]], top_k=1)
         assert pair.raw["results"][0]["top"][0]["label"] == pair.results[0].label
         try:
-            client.embed("hi", "sent")
+            client.embed("sent", "hi")
         except ValidationError as exc:
             assert "POST /classify" in exc.message
         else:
@@ -193,7 +200,7 @@ def test_client_methods(srv):
 
     async def run():
         async with AsyncClient(srv.url) as client:
-            return await client.embed(TEXTS, "emb"), await client.rerank("cross", QUERY, TEXTS)
+            return await client.embed("emb", TEXTS), await client.rerank("cross", QUERY, TEXTS)
 
     embedded_async, ranking_async = asyncio.run(run())
     torch.testing.assert_close(torch.tensor(embedded_async.vectors), direct, atol=1e-6, rtol=0)

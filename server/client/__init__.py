@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +32,7 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 LABELS_FILE = "labels.json"
+_ADAPTER_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")  # the server's rule for adapter ids
 
 
 # -------------------------------------------------------------------------------------------------- errors
@@ -267,7 +270,10 @@ class AdapterInfo:
     size_bytes: int | None = None
     created_at: str | None = None
     resident: bool | None = None
+    task_type: str | None = None  # SEQ_CLS, TOKEN_CLS, QUESTION_ANS or FEATURE_EXTRACTION
+    routes: list[str] = field(default_factory=list)  # the inference routes that serve it
     created: bool | None = None  # upload(): True when the id was new (201), False when replaced (200)
+    warnings: list[str] = field(default_factory=list)  # upload(): what the server noticed but accepted
     raw: dict = field(default_factory=dict, repr=False, compare=False)  # the JSON body as answered
 
     @classmethod
@@ -285,6 +291,9 @@ class AdapterInfo:
             size_bytes=body.get("size_bytes"),
             created_at=body.get("created_at"),
             resident=body.get("resident"),
+            task_type=body.get("task_type"),
+            routes=list(body.get("routes") or []),
+            warnings=list(body.get("warnings") or []),
             created=created,
             raw=body,
         )
@@ -323,6 +332,34 @@ def _embed_call(inputs: str | list[str], adapter_id: str | None, **options) -> _
     if adapter_id is not None:
         body["adapter_id"] = adapter_id
     return _Call("POST", "/embed", lambda r: Embeddings.from_json(r.json()), adapter_id=adapter_id, json=body)
+
+
+def _embed_arguments(adapter_id: Any, inputs: Any) -> tuple[str | None, Any]:
+    """(adapter_id, inputs) from `embed`'s arguments, in the order of the other methods; a call in the
+    order of earlier versions, embed(inputs, adapter_id), still works where it cannot be mistaken (a list
+    of texts first, or a text that is no adapter id before one that is), with a DeprecationWarning."""
+    if inputs is None:
+        if adapter_id is None:
+            raise TypeError("embed() takes (adapter_id, inputs); inputs is missing.")
+        return None, adapter_id  # embed(texts): the base model
+    if isinstance(adapter_id, list) or (
+        isinstance(adapter_id, str)
+        and not _ADAPTER_ID.fullmatch(adapter_id)
+        and isinstance(inputs, str)
+        and _ADAPTER_ID.fullmatch(inputs)
+    ):
+        warnings.warn(
+            "embed(inputs, adapter_id) is the old argument order; call embed(adapter_id, inputs), as "
+            "classify, tokens, answer and rerank take them.",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        return inputs, adapter_id
+    if adapter_id is not None and not isinstance(adapter_id, str):
+        raise TypeError(
+            f"embed() takes (adapter_id, inputs); adapter_id must be a string or None, not {adapter_id!r:.60}"
+        )
+    return adapter_id, inputs
 
 
 def _rerank_call(adapter_id: str, query: str, texts: list[str], **options) -> _Call:
@@ -482,10 +519,12 @@ class Client(_Base):
         return self._send(_classify_call(adapter_id, inputs, truncate, raw_scores, **options))
 
     def embed(
-        self, inputs: str | list[str], adapter_id: str | None = None, *, pooling: str | None = None,
+        self, adapter_id: str | None, inputs: str | list[str] | None = None, *, pooling: str | None = None,
         normalize: bool | None = None,
     ) -> Embeddings:  # fmt: skip
-        """One vector per text from a FEATURE_EXTRACTION adapter, or from the base model (no adapter_id)."""
+        """One vector per text from a FEATURE_EXTRACTION adapter, or from the base model: `embed(None,
+        texts)` or `embed(texts)`. Arguments in the order of classify, tokens, answer and rerank."""
+        adapter_id, inputs = _embed_arguments(adapter_id, inputs)
         return self._send(_embed_call(inputs, adapter_id, pooling=pooling, normalize=normalize))
 
     def rerank(
@@ -582,9 +621,10 @@ class AsyncClient(_Base):
         return await self._send(_classify_call(adapter_id, inputs, truncate, raw_scores, **options))
 
     async def embed(
-        self, inputs: str | list[str], adapter_id: str | None = None, *, pooling: str | None = None,
+        self, adapter_id: str | None, inputs: str | list[str] | None = None, *, pooling: str | None = None,
         normalize: bool | None = None,
     ) -> Embeddings:  # fmt: skip
+        adapter_id, inputs = _embed_arguments(adapter_id, inputs)
         return await self._send(_embed_call(inputs, adapter_id, pooling=pooling, normalize=normalize))
 
     async def rerank(

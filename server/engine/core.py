@@ -15,11 +15,13 @@ forward pass never sees a half-written slot.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -140,16 +142,26 @@ class Engine:
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         # The family's classification model, so that every module name is the one PEFT sees, and any head
         # weights the checkpoint holds (ModernBERT's MLM head) are loaded as PEFT would load them.
-        seq_cls, loading = AutoModelForSequenceClassification.from_pretrained(
-            model, config=config, output_loading_info=True, ignore_mismatched_sizes=True
-        )
+        with _quiet_load_report():
+            seq_cls, loading = AutoModelForSequenceClassification.from_pretrained(
+                model, config=config, output_loading_info=True, ignore_mismatched_sizes=True
+            )
         seq_cls.eval()
+        fresh = sorted({key.split(".", 1)[0] for key in loading.get("missing_keys", ())})
+        if fresh:
+            log.info(
+                "%s: the checkpoint has no %s (freshly initialised, as expected): the base model serves "
+                "embeddings, and each adapter brings its own head",
+                name, ", ".join(fresh),
+            )  # fmt: skip
         self.num_slots = num_slots
         self.max_rank = max_rank
         self.max_labels = max_labels
         self.empty_slot = num_slots  # reserved: no adapter, always zero
         self.model = MultiLoraModel(self.family, seq_cls, num_slots + 1, max_rank, max_labels, DTYPES[dtype])
-        self.base = _base_spec(name, self.family, seq_cls, self.model, self.tokenizer, loading)
+        self.base = replace(
+            _base_spec(name, self.family, seq_cls, self.model, self.tokenizer, loading), aliases=(model,)
+        )
         del seq_cls
         self.model.to(self.device)
         # The frozen matmuls' kind ("onednn", "int8", "plain"), each checked at start with a fallback.
@@ -326,6 +338,19 @@ def length_groups(lengths: list[int], max_tokens: int | None, cost_tokens: int) 
         sizes.append(j - cut[j])
         j = cut[j]
     return sizes[::-1]
+
+
+@contextlib.contextmanager
+def _quiet_load_report():
+    """Hold back transformers' load report ("classifier MISSING ... Consider training"): the head it
+    reports is never used, since every adapter brings its own, and the engine says so in its own line."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _base_spec(model: str, family, seq_cls, multi: MultiLoraModel, tokenizer, loading: dict) -> BaseSpec:

@@ -30,7 +30,8 @@ from loraplex.adapters.errors import InvalidAdapterError, LoraplexError
 from loraplex.adapters.peft import FEATURE_EXTRACTION, AdapterWeights
 from loraplex.adapters.registry import Registry
 from loraplex.adapters.stores import open_store
-from loraplex.adapters.tasks import check_route
+from loraplex.adapters.tasks import check_route, routes_of
+from loraplex.console import version
 from loraplex.engine.batcher import Batcher, EngineThread
 from loraplex.ipc import Tokens
 from loraplex.metrics import Metrics
@@ -68,6 +69,28 @@ class BaseHandle:
     @property
     def key(self) -> tuple[str, str]:
         return ("", self.version)
+
+
+def start_line(s: Settings, engine, adapters: str) -> str:
+    """The one line that says what this server is: version, model, device and dtype, the settings that
+    decide its capacity and its exposure, and what the store holds."""
+    base = engine.base
+    auth = "api key" if s.api_key else "open"
+    writes = "admin token" if s.admin_token else "loopback only" if s.loopback_only else "open to all"
+    if s.admin_token is None and not s.loopback_only and not s.allow_unauthenticated_writes:
+        writes = "off (no admin token)"
+    return (
+        f"loraplex {version()} ready on http://{s.host}:{s.port}: model {base.model_name} "
+        f"({base.model_type}, "
+        f"hidden {base.hidden_size}, {base.num_layers} layers, max {base.max_length} tokens) on "
+        f"{engine.device} in {engine.dtype} ({getattr(engine, 'matmul', 'plain')} matmuls); {s.workers} HTTP "
+        f"worker(s); "
+        f"{engine.num_slots} slots, host cache {s.max_host_cache}, rank <= {s.max_rank}, labels <= "
+        f"{s.max_labels}; batches <= {s.max_batch_size} rows / {s.max_batch_tokens} tokens, wait "
+        f"{s.max_wait_ms:g} ms, queue {s.max_queued}; timeout {s.request_timeout_s:g} s; store "
+        f"{s.adapter_store} ({adapters}, staleness {s.staleness_s:g} s); requests {auth}, "
+        f"adapter writes {writes}"
+    )
 
 
 def run_engine(settings: Settings, engine_factory: Callable, address: str) -> int:
@@ -124,6 +147,8 @@ class _EngineProcess:
             "model_name": engine.base.model_name,
             "model_dir": s.model or _default_model_dir(),
             "max_length": engine.base.max_length,
+            "hidden_size": engine.base.hidden_size,
+            "model_type": engine.base.model_type,
             "device": str(engine.device),
             "dtype": engine.dtype,
             "num_slots": engine.num_slots,
@@ -138,11 +163,11 @@ class _EngineProcess:
         self.outbox: dict[bytes, list] = {}
         fd = self.socket.getsockopt(zmq.FD)
         self.loop.add_reader(fd, self._receive)
-        log.info(
-            "engine ready: %s on %s, %d slots, batches of up to %d rows / %d tokens",
-            s.model or "all-MiniLM-L6-v2", engine.device, engine.num_slots,
-            s.max_batch_size, s.max_batch_tokens,
-        )  # fmt: skip
+        try:
+            adapters = f"{len(await registry.list())} adapters"
+        except LoraplexError:
+            adapters = "not listed: the store did not answer"
+        log.info(start_line(s, engine, adapters))
         watching = asyncio.ensure_future(self._watch_workers())
         await self.stopping.wait()
         self.loop.remove_reader(fd)
@@ -180,7 +205,7 @@ class _EngineProcess:
             )
             for adapter_id, folder in s.preload_items():
                 try:
-                    record, _ = await registry.import_dir(adapter_id, folder)
+                    record, _ = await registry.import_dir(adapter_id, folder)  # warnings are logged
                 except LoraplexError as exc:
                     raise InvalidAdapterError(f"--preload {adapter_id}={folder}: {exc.message}") from exc
                 log.info("preloaded adapter %s version %s from %s", adapter_id, record.version, folder)
@@ -330,8 +355,10 @@ class _EngineProcess:
             task.cancel()
 
     async def _put(self, key, adapter_id, config, model, labels, filename) -> dict:
-        record, created = await self.registry.put(adapter_id, config, model, labels, model_filename=filename)
-        return {"record": self._record(record), "created": created}
+        record, created, warnings = await self.registry.put_noting(
+            adapter_id, config, model, labels, model_filename=filename
+        )
+        return {"record": {**self._record(record), "warnings": warnings}, "created": created}
 
     async def _delete(self, key, adapter_id: str) -> None:
         await self.registry.delete(adapter_id)
@@ -357,7 +384,11 @@ class _EngineProcess:
         }
 
     def _record(self, record) -> dict:
-        return {**record.to_json(), "resident": self.registry.is_resident(record.adapter_id, record.version)}
+        return {
+            **record.to_json(),
+            "routes": routes_of(record.task_type, record.num_labels),
+            "resident": self.registry.is_resident(record.adapter_id, record.version),
+        }
 
     async def _watch_workers(self) -> None:
         """Drop the queued rows of workers that died: nobody will read their answers."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -22,7 +23,18 @@ from loraplex.http.errors import install_error_handlers
 from loraplex.http.lean import LeanApp
 from loraplex.http.middleware import ServingMiddleware
 from loraplex.http.openapi import install_openapi
-from loraplex.http.routes import adapters, answer, classify, docs, embed, health, rerank, tokens
+from loraplex.http.routes import (
+    adapters,
+    answer,
+    classify,
+    docs,
+    embed,
+    health,
+    openai,
+    rerank,
+    tei,
+    tokens,
+)
 from loraplex.metrics import Metrics
 from loraplex.settings import Settings
 
@@ -49,6 +61,10 @@ class Base:
     model_dir: str
     max_length: int  # tokens, special tokens included
     tokenizer: object
+    hidden_size: int = 0  # the length of an embedding
+    model_type: str = ""  # config.model_type, e.g. "bert"
+    device: str = ""
+    dtype: str = ""
 
 
 def create_app(settings: Settings, link: EngineLink | None = None) -> FastAPI:
@@ -69,12 +85,13 @@ def create_app(settings: Settings, link: EngineLink | None = None) -> FastAPI:
     app.state.uploads = 0  # adapter uploads in progress (bounded by max_concurrent_uploads)
     app.state.client = app.state.base = None
     app.state.starting = None  # the task that connects to the engine process and loads the tokenizer
+    app.state.started_at = time.time()  # /v1/models' `created` of the base model
     # The worker's index (identity "w<index>-<pid>"), in the X-Loraplex-Worker header of every answer.
     identity = link.identity if link and link.identity else "w0"
     app.state.worker_header = identity.split("-", 1)[0].removeprefix("w").encode()
     install_error_handlers(app)
     app.add_middleware(ServingMiddleware)
-    for router in (health, classify, embed, rerank, answer, tokens, adapters, docs):
+    for router in (health, classify, embed, openai, tei, rerank, answer, tokens, adapters, docs):
         app.include_lean(router.router)
     install_openapi(app, max_client_batch=settings.max_client_batch)
     return app
@@ -117,7 +134,16 @@ async def _start(app: FastAPI) -> None:
         app.state.failure = exc
         app.state.phase = "failed"
         return
-    app.state.base = Base(info["model_name"], info["model_dir"], info["max_length"], tokenizer)
+    app.state.base = Base(
+        info["model_name"],
+        info["model_dir"],
+        info["max_length"],
+        tokenizer,
+        info.get("hidden_size", 0),
+        info.get("model_type", ""),
+        info.get("device", ""),
+        info.get("dtype", ""),
+    )
     if app.state.phase == "loading":
         app.state.phase = "ready"
         log.info("worker %s ready", client.identity)

@@ -65,7 +65,8 @@ def describe_validation(errors: list[dict]) -> str:
         else:
             message = str(err.get("msg", "is not valid")).removeprefix("Value error, ")
         joiner = "" if message.startswith(("[", ".")) else " " if kind in _SENTENCES else ": "
-        parts.append(f"{where}{joiner}{message}")
+        # A check of the whole body (which fields go together) names its fields itself.
+        parts.append(message if not loc and kind == "value_error" else f"{where}{joiner}{message}")
     more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
     return "Invalid request: " + "; ".join(parts) + more + "."
 

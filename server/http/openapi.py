@@ -2,6 +2,8 @@
 
 - Limits that are settings: the text lists of every inference route (`inputs`, `input`, `texts`) hold at
   most `max_client_batch` items.
+- What the served model decides: `dimensions` is its embedding size (known once the engine is ready; the
+  document is kept from then on).
 - Example bodies for every operation, taken from a real server with the tweet-sentiment demo adapter
   (`loraplex serve --preload tweet-sentiment=adapters/demo/tweet-sentiment`).
 """
@@ -21,6 +23,8 @@ _INFO = {
     "labels": ["negative", "neutral", "positive"],
     "size_bytes": 1366612,
     "created_at": "2026-12-02T09:20:48Z",
+    "task_type": "SEQ_CLS",
+    "routes": ["/classify", "/predict"],
     "resident": True,
 }
 _CLASSIFY = {
@@ -124,8 +128,68 @@ _UPLOAD = {
     "labels": '["negative", "neutral", "positive"]',
 }
 
+_MODEL = {
+    "id": "tweet-sentiment",
+    "object": "model",
+    "created": 1796288448,
+    "owned_by": "loraplex",
+    "task_type": "SEQ_CLS",
+    "routes": ["/classify", "/predict"],
+    "version": "e7f07dee2fee",
+}
+_BASE_MODEL = {
+    "id": "sentence-transformers/all-MiniLM-L6-v2",
+    "object": "model",
+    "created": 1796288400,
+    "owned_by": "loraplex",
+    "task_type": "FEATURE_EXTRACTION",
+    "routes": ["/embed", "/v1/embeddings"],
+    "version": None,
+}
+_PREDICT = {"adapter_id": "tweet-sentiment", "inputs": _CLASSIFY["inputs"][1]}
+_PREDICTED = [
+    {"score": 0.7016, "label": "negative"},
+    {"score": 0.2878, "label": "neutral"},
+    {"score": 0.0106, "label": "positive"},
+]
+_TOKENIZE = {"inputs": "Hello world"}
+_TOKENIZED = [
+    [
+        {"id": 101, "text": "[CLS]", "special": True, "start": None, "stop": None},
+        {"id": 7592, "text": "Hello", "special": False, "start": 0, "stop": 5},
+        {"id": 2088, "text": "world", "special": False, "start": 6, "stop": 11},
+        {"id": 102, "text": "[SEP]", "special": True, "start": None, "stop": None},
+    ]
+]
+_SERVED = {
+    "model_id": "sentence-transformers/all-MiniLM-L6-v2",
+    "model_sha": None,
+    "model_dtype": "float32",
+    "model_type": {"embedding": {"pooling": "mean"}},
+    "max_concurrent_requests": 1024,
+    "max_input_length": 512,
+    "max_batch_tokens": 16384,
+    "max_batch_requests": 64,
+    "max_client_batch_size": 32,
+    "auto_truncate": True,
+    "tokenization_workers": None,
+    "version": "0.1.0",
+    "sha": None,
+    "docker_label": None,
+    "device": "cpu",
+    "model_family": "bert",
+    "max_adapter_rank": 64,
+    "max_adapter_labels": 32,
+    "adapter_slots": 16,
+}
+
 # (path, method) -> {"request": example, status: example}
 EXAMPLES: dict[tuple[str, str], dict] = {
+    ("/v1/models", "get"): {"200": {"object": "list", "data": [_BASE_MODEL, _MODEL]}},
+    ("/v1/models/{model}", "get"): {"200": _MODEL},
+    ("/predict", "post"): {"request": _PREDICT, "200": _PREDICTED},
+    ("/tokenize", "post"): {"request": _TOKENIZE, "200": _TOKENIZED},
+    ("/info", "get"): {"200": _SERVED},
     ("/classify", "post"): {"request": _CLASSIFY, "200": _CLASSIFIED},
     ("/embed", "post"): {"request": _EMBED, "200": _EMBEDDED},
     ("/v1/embeddings", "post"): {"request": _OPENAI_EMBED, "200": _OPENAI_EMBEDDED},
@@ -142,23 +206,30 @@ EXAMPLES: dict[tuple[str, str], dict] = {
     ("/health", "get"): {"200": {"status": "ok"}},
     ("/ready", "get"): {"200": {"status": "ready"}},
 }
-_PATH_EXAMPLES = {"adapter_id": "tweet-sentiment"}
+_PATH_EXAMPLES = {"adapter_id": "tweet-sentiment", "model": "tweet-sentiment"}
 # The body fields that are lists of texts, each capped by check_batch at max_client_batch.
 TEXT_LISTS = ("inputs", "input", "texts")
 
 
 def install_openapi(app: FastAPI, *, max_client_batch: int) -> None:
-    """Make `app.openapi()` build (once) the document described above."""
+    """Make `app.openapi()` build the document described above, once the served model is known."""
 
     def openapi() -> dict:
-        if app.openapi_schema is None:
-            app.openapi_schema = complete(FastAPI.openapi(app), max_client_batch=max_client_batch)
-        return app.openapi_schema
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        base = app.state.base
+        doc = complete(
+            FastAPI.openapi(app),
+            max_client_batch=max_client_batch,
+            dimensions=base.hidden_size if base else None,
+        )
+        app.openapi_schema = doc if base is not None else None
+        return doc
 
     app.openapi = openapi
 
 
-def complete(doc: dict, *, max_client_batch: int) -> dict:
+def complete(doc: dict, *, max_client_batch: int, dimensions: int | None = None) -> dict:
     for item in doc["paths"].values():
         for operation in item.values():
             media = operation.get("requestBody", {}).get("content", {}).get("application/json", {})
@@ -166,7 +237,13 @@ def complete(doc: dict, *, max_client_batch: int) -> dict:
             for name in TEXT_LISTS:
                 for option in [properties.get(name, {}), *properties.get(name, {}).get("anyOf", ())]:
                     if option.get("type") == "array":
-                        option["maxItems"] = max_client_batch
+                        option.setdefault("maxItems", max_client_batch)
+            for option in [
+                properties.get("dimensions", {}),
+                *properties.get("dimensions", {}).get("anyOf", ()),
+            ]:
+                if option.get("type") == "integer" and dimensions is not None:
+                    option["minimum"] = option["maximum"] = dimensions
             for parameter in operation.get("parameters", ()):
                 if parameter["name"] in _PATH_EXAMPLES:
                     parameter["example"] = _PATH_EXAMPLES[parameter["name"]]

@@ -5,7 +5,15 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from loraplex.adapters.store import ADAPTER_ID_RE
 
@@ -25,7 +33,18 @@ PAIR_INPUTS_SCHEMA = {
     "description": "one text, or a list of 1..max_client_batch items, each a text or a pair "
     "[text, text_pair]; no text is empty or contains NUL",
 }
-Direction = Literal["right", "left"]
+
+
+def _direction(value: object) -> object:
+    # TEI spells the sides "Right" and "Left"; both spellings mean the same.
+    return value.lower() if value in ("Right", "Left") else value
+
+
+Direction = Annotated[
+    Literal["right", "left"],
+    BeforeValidator(_direction),
+    WithJsonSchema({"type": "string", "enum": ["right", "left", "Right", "Left"], "default": "right"}),
+]
 
 
 def _whole(value: object) -> object:
@@ -89,6 +108,17 @@ class EmbedRequest(TextsRequest):
     normalize: bool | None = Field(
         None, description="unit length; default: the base's sentence-transformers config"
     )
+    dimensions: Count | None = Field(
+        None, description="the model's own dimension only (vectors are never cut); other values: 422"
+    )
+    prompt_name: None = Field(None, description="TEI's field; no prompts are configured, so only null")
+
+    @field_validator("prompt_name", mode="before")
+    @classmethod
+    def _no_prompt(cls, value: object) -> object:
+        if value is not None:
+            raise ValueError("is not supported: this server has no prompts configured; leave it out")
+        return value
 
 
 class TokensRequest(TextsRequest):
@@ -115,8 +145,13 @@ class OpenAIEmbeddingsRequest(BaseModel):
 
     model: str = Field(max_length=256, description="an adapter id; the base model's name: no adapter")
     input: Annotated[str | list[str], WithJsonSchema(INPUTS_SCHEMA)]
-    encoding_format: Literal["float"] = "float"
-    user: str | None = None
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="base64: each vector's little-endian float32 bytes, base64-encoded"
+    )
+    dimensions: Count | None = Field(
+        None, description="the model's own dimension only (vectors are never cut); other values: 422"
+    )
+    user: str | None = Field(None, max_length=256)
 
     @field_validator("input", mode="before")
     @classmethod
@@ -167,12 +202,31 @@ class AnswerRequest(BaseModel):
     """/answer: questions answered by spans of their contexts, as Hugging Face's question-answering
     pipeline answers them."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # `inputs`, or one `question` with its `context`: never both shapes in one body.
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={
+            "anyOf": [
+                {
+                    "required": ["inputs"],
+                    "not": {"anyOf": [{"required": ["question"]}, {"required": ["context"]}]},
+                },
+                {"required": ["question", "context"], "not": {"required": ["inputs"]}},
+            ]
+        },
+    )
 
     adapter_id: Annotated[str, WithJsonSchema(ADAPTER_ID_SCHEMA)] = Field(
         max_length=64, description="a QUESTION_ANS adapter"
     )
-    inputs: Annotated[Any, WithJsonSchema(QA_INPUTS_SCHEMA)]
+    inputs: Annotated[Any, WithJsonSchema(QA_INPUTS_SCHEMA)] = None
+    question: Annotated[str | None, WithJsonSchema(TEXT_SCHEMA)] = Field(
+        None, description="one question, with `context` (instead of `inputs`)"
+    )
+    context: Annotated[str | None, WithJsonSchema(TEXT_SCHEMA)] = Field(
+        None, description="the context of `question` (instead of `inputs`)"
+    )
     top_k: Count = Field(1, description="the k best answers per input, best first")
     doc_stride: Stride = Field(
         128, description="tokens that consecutive windows of a long context share; below the room per window"
@@ -190,6 +244,27 @@ class AnswerRequest(BaseModel):
     @classmethod
     def _pairs(cls, value: object) -> object:
         return check_qa_inputs(value)
+
+    @field_validator("question", "context", mode="before")
+    @classmethod
+    def _text(cls, value: object) -> object:
+        _check_text(value, "")
+        return value
+
+    @model_validator(mode="after")
+    def _one_shape(self) -> AnswerRequest:
+        top_level = self.question is not None or self.context is not None
+        if self.inputs is not None and top_level:
+            raise ValueError("send either inputs, or question and context, not both")
+        if self.inputs is None:
+            if self.question is None or self.context is None:
+                missing = "inputs" if not top_level else "context" if self.context is None else "question"
+                raise ValueError(
+                    f"{missing} is required: send question and context, or inputs (a list of "
+                    '{"question": ..., "context": ...} objects)'
+                )
+            self.inputs = {"question": self.question, "context": self.context}
+        return self
 
     def pairs(self) -> list[tuple[str, str]]:
         items = [self.inputs] if isinstance(self.inputs, dict) else self.inputs
@@ -358,3 +433,47 @@ ERROR_RESPONSES = {
 def _json_type(value: object) -> str:
     names = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", dict: "an object"}
     return names.get(type(value), "a list" if isinstance(value, list) else type(value).__name__)
+
+
+class OpenAIError(BaseModel):
+    message: str = Field(description="a sentence saying what to change")
+    type: str = Field(description="OpenAI's kind: invalid_request_error, not_found_error, ...")
+    param: str | None = None
+    code: str = Field(description="loraplex's kind, as error_type")
+
+
+class OpenAIErrorBody(BaseModel):
+    """Errors on /v1/*: OpenAI's shape, with API.md's kind beside it."""
+
+    error: OpenAIError
+    error_type: str = Field(description="validation, bad_request, unauthorized, not_found, ...")
+
+
+OPENAI_TYPES = {
+    "validation": "invalid_request_error",
+    "bad_request": "invalid_request_error",
+    "payload_too_large": "invalid_request_error",
+    "unsupported_media_type": "invalid_request_error",
+    "unauthorized": "authentication_error",
+    "not_found": "not_found_error",
+    "conflict": "conflict_error",
+    "overloaded": "rate_limit_error",
+    "unavailable": "server_error",
+    "internal": "server_error",
+}
+
+
+def openai_error(message: str, kind: str) -> dict:
+    """The /v1/* error body for an error of `kind` (API.md's kinds)."""
+    error = {"message": message, "type": OPENAI_TYPES.get(kind, "invalid_request_error"), "param": None}
+    return {"error": {**error, "code": kind}, "error_type": kind}
+
+
+OPENAI_ERROR_RESPONSES = {
+    code: {
+        "model": OpenAIErrorBody,
+        "description": text,
+        "content": {"application/json": {"example": openai_error(example, ERROR_TYPES[code])}},
+    }
+    for code, (text, example) in _ERRORS.items()
+}

@@ -104,7 +104,21 @@ class AdapterInfo(BaseModel):
     labels: list[str] = Field(description="label names in head order")
     size_bytes: int = Field(description="size of adapter_model.safetensors")
     created_at: str = Field(description="when this version was stored, ISO 8601 UTC")
+    task_type: str | None = Field(
+        None,
+        description="PEFT's task_type: SEQ_CLS, TOKEN_CLS, QUESTION_ANS or FEATURE_EXTRACTION (null: stored "
+        "before manifests recorded it; upload it again)",
+    )
+    routes: list[str] = Field([], description="the inference routes that serve this adapter")
     resident: bool = Field(description="whether this version is in a device slot of this replica")
+
+
+class UploadInfo(AdapterInfo):
+    warnings: list[str] = Field(
+        [],
+        description="what the upload was accepted despite: its config names another base model, or no label "
+        "names were sent (the head's outputs are then LABEL_0, LABEL_1, ...)",
+    )
 
 
 class AdapterList(BaseModel):
@@ -120,15 +134,15 @@ def _client(request: Request):
 
 @router.put(
     "/adapters/{adapter_id:path}",
-    response_model=AdapterInfo,
+    response_model=UploadInfo,
     status_code=201,
-    responses={200: {"model": AdapterInfo, "description": "replaced"}, **ERROR_RESPONSES},
+    responses={200: {"model": UploadInfo, "description": "replaced"}, **ERROR_RESPONSES},
     summary="Upload (create or replace) an adapter",
     openapi_extra=_UPLOAD_BODY,
 )
 async def put_adapter(
     adapter_id: AdapterId, request: Request, response: Response, _: AdminAuth
-) -> AdapterInfo:
+) -> UploadInfo:
     """multipart/form-data: `adapter_config` (file), `adapter_model` (file), optional `labels` (JSON array).
 
     201 when created, 200 when replaced. Nothing of a rejected upload is stored. Past
@@ -194,7 +208,7 @@ async def _put_adapter(adapter_id: str, request: Request, response: Response) ->
     labels = parse_labels(labels_raw)
     answer = await _client(request).call("put", adapter_id, config, model, labels, filename)
     response.status_code = 201 if answer["created"] else 200
-    return AdapterInfo(**answer["record"])
+    return UploadInfo(**answer["record"])
 
 
 @router.get("/adapters", response_model=AdapterList, responses=ERROR_RESPONSES, summary="List adapters")

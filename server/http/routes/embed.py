@@ -1,71 +1,62 @@
-"""POST /embed and OpenAI's POST /v1/embeddings: texts through a FEATURE_EXTRACTION adapter, or the base
-model itself, pooled as the base's sentence-transformers config says (or as the request asks)."""
+"""POST /embed: texts through a FEATURE_EXTRACTION adapter, or the base model itself, pooled as the base's
+sentence-transformers config says (or as the request asks). OpenAI's /v1/embeddings is in `openai`."""
 
 from __future__ import annotations
 
 from functools import lru_cache
 
+import numpy as np
 from fastapi import APIRouter, Request, Response
 
+from loraplex.adapters.errors import InvalidInputError
 from loraplex.http.auth import ApiKeyAuth
 from loraplex.http.inputs import encode
 from loraplex.http.postprocess import check_finite, pool, sentence_pooling
 from loraplex.http.routes.inference import body_schema, check_batch, infer, parse_body, read_body, respond
-from loraplex.http.schemas import ERROR_RESPONSES, EmbedRequest, OpenAIEmbeddingsRequest
+from loraplex.http.schemas import ERROR_RESPONSES, EmbedRequest
 
 router = APIRouter(tags=["inference"])
 
 
 @router.post("/embed", responses=ERROR_RESPONSES, openapi_extra=body_schema(EmbedRequest))
 async def embed(request: Request, _auth: ApiKeyAuth) -> Response:
-    """One vector per text, in input order; no adapter_id: the base model's own embeddings."""
+    """One vector per text, in input order; no adapter (neither adapter_id nor X-Adapter-Id): the base
+    model's own embeddings."""
     body = parse_body(await read_body(request), request.headers.get("content-type"), EmbedRequest)
     texts = body.texts()
-    check_batch(request, len(texts), body.adapter_id)
-    run = await infer(request, body.adapter_id, "/embed", _tokenizer(request, texts, body))
+    adapter_id = check_batch(request, len(texts), body.adapter_id)
+    check_dimensions(request, body.dimensions)
+    tokenize = tokenizer(request, texts, truncate=body.truncate, direction=body.truncation_direction)
+    run = await infer(request, adapter_id, "/embed", tokenize)
     if run.early is not None:
         return run.early
-    pooling, normalize = _pooling(request, body.pooling, body.normalize)
-    vectors = _vectors(run, pooling, normalize)
+    pooling, normalize = pooling_of(request, body.pooling, body.normalize)
+    vectors = [v.tolist() for v in embeddings(run, pooling, normalize)]
     results = [{"embedding": v, "truncated": row.truncated} for v, row in zip(vectors, run.rows, strict=True)]
     return respond(request, run, {"pooling": pooling, "normalize": normalize, "results": results}, len(texts))
 
 
-@router.post("/v1/embeddings", responses=ERROR_RESPONSES, openapi_extra=body_schema(OpenAIEmbeddingsRequest))
-async def openai_embeddings(request: Request, _auth: ApiKeyAuth) -> Response:
-    """OpenAI's embeddings shape; `model` is an adapter id, or the served base model's name for no adapter."""
-    body = parse_body(await read_body(request), request.headers.get("content-type"), OpenAIEmbeddingsRequest)
-    texts = [body.input] if isinstance(body.input, str) else body.input
-    base = request.app.state.base.model_name
-    adapter_id = None if body.model in (base, base.rsplit("/", 1)[-1]) else body.model
-    check_batch(request, len(texts), adapter_id)
-    run = await infer(request, adapter_id, "/v1/embeddings", _tokenizer(request, texts, None))
-    if run.early is not None:
-        return run.early
-    vectors = _vectors(run, *_pooling(request, None, None))
-    tokens = sum(len(row) for row in run.rows)
-    data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
-    fields = {"object": "list", "data": data, "model": body.model}
-    fields["usage"] = {"prompt_tokens": tokens, "total_tokens": tokens}
-    return respond(request, run, fields, len(texts))
+def check_dimensions(request: Request, dimensions: int | None) -> None:
+    """`dimensions` may only repeat the model's own: cutting a vector short is only meaningful for models
+    trained for it (Matryoshka), and nothing here says whether an adapter was."""
+    own = request.app.state.base.hidden_size
+    if dimensions is not None and dimensions != own:
+        raise InvalidInputError(
+            f"dimensions is {dimensions}, but this model's embeddings have {own} dimensions and are never "
+            f"shortened; leave dimensions out (or send {own})."
+        )
 
 
-def _tokenizer(request: Request, texts: list[str], body: EmbedRequest | None):
+def tokenizer(request: Request, texts: list[str], *, truncate: bool = True, direction: str = "right"):
     base = request.app.state.base
 
     def tokenize():
-        return encode(
-            base.tokenizer,
-            base.max_length,
-            texts,
-            truncate=body.truncate if body else True,
-            direction=body.truncation_direction if body else "right",
-        )
+        return encode(base.tokenizer, base.max_length, texts, truncate=truncate, direction=direction)
 
     return tokenize
 
 
-def _pooling(request: Request, pooling: str | None, normalize: bool | None) -> tuple[str, bool]:
+def pooling_of(request: Request, pooling: str | None, normalize: bool | None) -> tuple[str, bool]:
     default_pooling, default_normalize = _declared(request.app.state.base.model_dir)
     return pooling or default_pooling, default_normalize if normalize is None else normalize
 
@@ -75,8 +66,9 @@ def _declared(model_dir: str) -> tuple[str, bool]:
     return sentence_pooling(model_dir)
 
 
-def _vectors(run, pooling: str, normalize: bool) -> list[list[float]]:
+def embeddings(run, pooling: str, normalize: bool) -> list[np.ndarray]:
+    """One float32 vector per row of `run`, pooled; a 409 naming the adapter if any is not finite."""
     vectors = [pool(hidden, pooling, normalize) for hidden in run.outputs]
     for vector in vectors:
         check_finite(vector, run.handle)
-    return [vector.tolist() for vector in vectors]
+    return vectors

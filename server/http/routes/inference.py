@@ -31,6 +31,7 @@ from loraplex.adapters.errors import (
     UnsupportedMediaError,
 )
 from loraplex.http.errors import describe_validation, error_response
+from loraplex.http.middleware import ACCESS_KEY
 
 
 @dataclass(frozen=True)
@@ -88,16 +89,34 @@ def parse_body(raw: bytes, content_type: str | None, model: type[BaseModel]):
         raise InvalidInputError(describe_validation(exc.errors())) from None
 
 
-def check_batch(request: Request, count: int, adapter_id: str | None, what: str = "texts") -> None:
-    """At most max_client_batch inputs; an X-Adapter-Id header names the body's adapter."""
+def check_batch(request: Request, count: int, adapter_id: str | None, what: str = "texts") -> str | None:
+    """At most max_client_batch inputs; the adapter that serves the request (`choose_adapter`)."""
     limit = request.app.state.settings.max_client_batch
     if count > limit:
         raise InvalidInputError(f"inputs has {count} {what}; send at most {limit} per request.")
+    chosen = choose_adapter(request, adapter_id)
+    note_access(request, chosen, count)
+    return chosen
+
+
+def choose_adapter(request: Request, adapter_id: str | None, model: str | None = None) -> str | None:
+    """The one rule of every inference route: `adapter_id` in the body, else the X-Adapter-Id header, else
+    OpenAI's `model` where it names an adapter (a `model` naming the base model names no adapter, so an
+    adapter named by either of the others runs on it). Names that are given and differ are a 422, never
+    a silent choice. None: the base model."""
+    named = [("adapter_id in the body", adapter_id)]
     routed = request.headers.get("x-adapter-id")
-    if routed is not None and routed != (adapter_id or ""):
-        raise InvalidInputError(
-            "The X-Adapter-Id header names a different adapter than adapter_id in the body."
-        )
+    if routed:
+        named.append(("the X-Adapter-Id header", routed))
+    named.append(("model", model))
+    named = [(where, name) for where, name in named if name is not None]
+    for (first, name), (second, other) in zip(named, named[1:], strict=False):
+        if name != other:
+            raise InvalidInputError(
+                f"{second[0].upper() + second[1:]} names {other[:80]!r}, but {first} names {name[:80]!r}; "
+                "send one adapter, or the same one in both."
+            )
+    return named[0][1] if named else None
 
 
 async def read_body(request: Request) -> bytes:
@@ -159,19 +178,33 @@ async def infer(
     return Run(handle, rows, outputs, started, tokenize_seconds, result["queue_s"], result["inference_s"])
 
 
-def respond(request: Request, run: Run, fields: dict, inputs: int) -> Response:
-    """200 with `adapter_id`, `adapter_version` and `fields`, the timing headers, the input count metric."""
+def respond(request: Request, run: Run, fields: dict | list, inputs: int, *, bare: bool = False) -> Response:
+    """200 with `adapter_id`, `adapter_version` and `fields`, the timing headers, the input count metric.
+    `bare`: `fields` is the whole body (a peer's shape), and the adapter and its version go in headers."""
     handle = run.handle
-    body = {"adapter_id": handle.adapter_id, "adapter_version": handle.version, **fields}
+    own = {"adapter_id": handle.adapter_id, "adapter_version": handle.version}
+    body = fields if bare else {**own, **fields}
     content = orjson.dumps(body)
     request.app.state.metrics.inputs.labels(handle.metric_label).inc(inputs)
+    note_access(request, handle.adapter_id, inputs)
     headers = {
         "x-tokenization-time": _ms(run.tokenize_seconds),
         "x-queue-time": _ms(run.queue_seconds),
         "x-inference-time": _ms(run.inference_seconds),
         "x-total-time": _ms(time.perf_counter() - run.started),
     }
+    if bare:
+        headers["x-adapter-id"] = handle.adapter_id or ""
+        headers["x-adapter-version"] = handle.version
     return Response(content, media_type="application/json", headers=headers)
+
+
+def note_access(request: Request, adapter_id: str | None, rows: int) -> None:
+    """What the access log line of this request says about its adapter and its inputs."""
+    access = request.scope.get(ACCESS_KEY)
+    if access is not None:
+        access["adapter"] = adapter_id
+        access["rows"] = rows
 
 
 def body_schema(model: type[BaseModel]) -> dict:
