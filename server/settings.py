@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import logging
 import re
 import socket
 from argparse import SUPPRESS
@@ -179,8 +180,15 @@ class Settings(BaseSettings):
             secret = getattr(self, name)
             if secret is not None:
                 problem = token_problem(secret.get_secret_value())
-                if problem:
+                if problem and not self.loopback_only:
                     raise ValueError(f"{name} {problem}; {MAKE_A_TOKEN}")
+                if problem:  # only this machine can reach the server: said, not refused
+                    logging.getLogger("loraplex.settings").warning(
+                        "%s %s; fine on 127.0.0.1, refused on any other address (%s)",
+                        name,
+                        problem,
+                        MAKE_A_TOKEN,
+                    )
         return self
 
     @model_validator(mode="after")

@@ -8,11 +8,13 @@ request followed by `→ a, b, c.` instead must answer those labels, in order.""
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import shlex
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -121,3 +123,18 @@ def test_every_readme_request_answers_as_printed(number, srv):
     else:
         problem = mismatch(printed(expected), got)
         assert problem is None, f"{command}\n{problem}\nanswered: {json.dumps(got)[:2000]}"
+
+
+def test_the_readme_openai_example_runs_as_printed(srv):
+    """The OpenAI SDK block of README, with its defaults, against the quick start's server."""
+    pytest.importorskip("openai")
+    pattern = r"^```python\n(from openai import OpenAI\n.*?)^```"
+    block = re.search(pattern, readme(), flags=re.S | re.M).group(1)
+    code = block.replace("http://127.0.0.1:8000", srv.url)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    models, sizes = done.stdout.splitlines()
+    preloaded = {arg.split("=", 1)[0] for arg in quick_start_serve(readme()) if "=" in arg}
+    listed = set(ast.literal_eval(models))
+    assert preloaded < listed and len(listed - preloaded) == 1, listed  # every adapter and the base model
+    assert sizes == "384 384"

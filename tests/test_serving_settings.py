@@ -183,18 +183,25 @@ PLACEHOLDERS = [
 
 @pytest.mark.parametrize("name", ["api_key", "admin_token", "metrics_token"])
 @pytest.mark.parametrize("token", PLACEHOLDERS)
-def test_a_short_or_placeholder_token_is_refused_with_how_to_make_one(clean_env, tmp_path, name, token):
+def test_a_short_or_placeholder_token_is_refused_on_a_public_host_with_how_to_make_one(
+    clean_env, tmp_path, name, token, caplog
+):
     file = tmp_path / name
     file.write_text(token)
-    for argv in ([option_flag(name), token], [option_flag(name + "_file"), str(file)]):
-        if not token and argv[0] == option_flag(name):
+    public = ["--host", "0.0.0.0", "--allow-anonymous-inference"]
+    for given in ([option_flag(name), token], [option_flag(name + "_file"), str(file)]):
+        if not token and given[0] == option_flag(name):
             continue  # an empty token given directly means "unset"
         with pytest.raises(SettingsError) as caught:
-            load_settings(argv)
+            load_settings([*public, *given])
         message = str(caught.value)
         assert "openssl rand -hex 32" in message and "secrets.token_hex(32)" in message
         assert not token or token not in message  # the refused value is not echoed
-    assert value_of(load_settings([option_flag(name), STRONG]), name) == STRONG
+        if token:  # on loopback only this machine reaches the server: a warning, not a refusal
+            caplog.clear()
+            assert value_of(load_settings(given), name) == token
+            assert "refused on any other address" in caplog.text and token not in caplog.text
+    assert value_of(load_settings([*public, option_flag(name), STRONG]), name) == STRONG
 
 
 def test_a_public_host_needs_an_api_key_or_an_explicit_choice_to_open_inference(clean_env, capsys):

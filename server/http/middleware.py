@@ -15,9 +15,9 @@ access log, and OpenAI's error shape on /v1/*.
 from __future__ import annotations
 
 import asyncio
-import os
 import json
 import logging
+import os
 import time
 
 from starlette.routing import Match
