@@ -79,7 +79,7 @@ class Settings(BaseSettings):
         description="largest adapter upload body, and largest stored or preloaded file",
     )
     max_concurrent_uploads: int = Field(
-        2, ge=1, description="adapter uploads one HTTP worker takes at once; beyond it: 429 with Retry-After"
+        16, ge=1, description="adapter uploads one HTTP worker takes at once; beyond it: 429 with Retry-After"
     )
     request_timeout_s: float = Field(30.0, gt=0, description="a /classify request not done by then: 503")
     staleness_s: float = Field(

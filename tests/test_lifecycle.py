@@ -97,6 +97,7 @@ def test_upload_then_classify_matches_peft(client, tmp_path, factory):
     assert list(probs[0]["scores"]) == labels
 
     shown = client.get("/adapters/golden").json()
+    assert info.pop("warnings") == []  # the upload's own answer: nothing to warn about here
     assert shown == {**info, "resident": True}
     assert shown in client.get("/adapters").json()["adapters"]
 
