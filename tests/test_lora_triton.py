@@ -1,10 +1,10 @@
 """The fused multi-LoRA kernels (`loraplex.engine.lora_triton`) equal a slow per-row loop.
 
-On the CPU they run in Triton's interpreter: TRITON_INTERPRET=1 is set before this module imports Triton
-and loads its own copy of the kernels (Triton reads it when a kernel is defined and again when one runs),
-and stays set only while this module's tests run; the real module and the rest of the session are left as
-they were. With LORAPLEX_TEST_DEVICE=cuda the same tests run the compiled kernels on the GPU. Skipped
-where Triton is not installed.
+On the CPU they run in Triton's interpreter: tests/conftest.py sets TRITON_INTERPRET=1 for the session
+(Triton reads it once, when it is first imported, whichever test imports it), and this module also loads
+its own copy of the kernels with it set, so that it holds when run alone with the variable cleared. With
+LORAPLEX_TEST_DEVICE=cuda the same tests run the compiled kernels on the GPU. Skipped where Triton is not
+installed.
 """
 
 from __future__ import annotations
