@@ -126,10 +126,12 @@ def test_every_readme_request_answers_as_printed(number, srv):
 
 
 def test_the_readme_openai_example_runs_as_printed(srv):
-    """The OpenAI SDK block of README, with its defaults, against the quick start's server."""
+    """README's OpenAI SDK block (its client section), with its defaults, against the quick start's server."""
     pytest.importorskip("openai")
     pattern = r"^```python\n(from openai import OpenAI\n.*?)^```"
-    block = re.search(pattern, readme(), flags=re.S | re.M).group(1)
+    text = readme()
+    section = text[text.index("## OpenAI and TEI clients") :]
+    block = re.search(pattern, section, flags=re.S | re.M).group(1)
     code = block.replace("http://127.0.0.1:8000", srv.url)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stderr

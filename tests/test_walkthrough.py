@@ -5,9 +5,10 @@ the CLI does. Two steps are done differently, and checked for their form only: `
 environment is installed already) and `loraplex serve` (started through LiveServer with the README's own
 options, on a free port and a temporary store; the CLI finds it through $LORAPLEX_URL). Every other command
 runs as a `python -m loraplex` subprocess in a scratch directory where `adapters/` is the repository's, and
-what it prints is checked against what that step says it does. The server and the commands run with one
-OpenMP thread each: on a machine whose cores are shared, torch's thread pools otherwise spin against each
-other and the training step takes several times as long.
+what it prints is checked against what that step says it does. The section's ```python blocks (the OpenAI
+SDK's step) run after the commands, against the same server, and must print what follows them ("→ ...").
+The server and the commands run with one OpenMP thread each: on a machine whose cores are shared, torch's
+thread pools otherwise spin against each other and the training step takes several times as long.
 """
 
 from __future__ import annotations
@@ -41,6 +42,24 @@ def walkthrough_commands(readme: str) -> list[list[str]]:
     return [
         shlex.split(line, comments=True) for block in blocks for line in block.splitlines() if line.strip()
     ]
+
+
+def walkthrough_programs(readme: str) -> list[tuple[str, list[str]]]:
+    """The section's ```python blocks, each with the lines it says it prints (`→ ...`, then `...`)."""
+    start = readme.index(SECTION)
+    end = readme.find("\n## ", start + len(SECTION))
+    section = readme[start : end if end != -1 else len(readme)]
+    found = re.findall(r"^```python\n(.*?)^```\n\n→ (.*?)\n\n", section, flags=re.S | re.M)
+    return [(code, re.findall(r"`([^`]*)`", printed)) for code, printed in found]
+
+
+def rows_of(out: str) -> list[dict[str, str]]:
+    """A printed table (after its `adapter ... version ...` heading) as dicts keyed by its header."""
+    lines = out.splitlines()
+    assert lines and lines[0].startswith("adapter "), out
+    header = lines[1].split()
+    cells = [re.split(r"\s{2,}", line.strip(), maxsplit=len(header) - 1) for line in lines[2:]]
+    return [dict(zip(header, row, strict=True)) for row in cells]
 
 
 def cli(words: list[str], cwd: Path, url: str) -> subprocess.CompletedProcess:
@@ -112,6 +131,26 @@ def test_the_readme_walkthrough(tmp_path):
                     assert args.json and len(out.splitlines()) == rows > 32, "one JSON line per row"
                     steps.append("classify a file")
                 steps.append("classify")
+            elif verb == "tokens":
+                rows = rows_of(out)
+                assert {"HASHTAG", "MENTION"} <= {r["LABEL"] for r in rows}, out
+                for r in rows:  # each entity is its span of the text
+                    text = args.texts[int(r["INPUT"])]
+                    assert text[int(r["START"]) : int(r["END"])].lower() == r["WORD"].replace(" ", ""), out
+                steps.append("tokens")
+            elif verb == "answer":
+                best = rows_of(out)[0]
+                assert best["ANSWER"] == "#driverless" == args.context[int(best["START"]) : int(best["END"])]
+                steps.append("answer")
+            elif verb == "rerank":
+                ranked = [int(r["INDEX"]) for r in rows_of(out)]
+                assert sorted(ranked) == list(range(len(args.texts))), out
+                assert "coachella" in args.texts[ranked[0]].lower(), out
+                steps.append("rerank")
+            elif verb == "embed":
+                rows = rows_of(out)
+                assert [(r["DIMS"], r["NORM"]) for r in rows] == [("384", "1.0000")] * len(args.texts), out
+                steps.append("embed")
             elif verb == "show":
                 assert versions.get(args.adapter_id, "") in out
             elif verb == "rm":
@@ -122,7 +161,18 @@ def test_the_readme_walkthrough(tmp_path):
                 assert verb == "ls", f"a walkthrough step this test does not check: {shlex.join(words)}"
                 listed = {line.split()[0] for line in out.splitlines()[1:]}
                 assert listed == present, out
+        for code, printed in walkthrough_programs((REPO / "README.md").read_text()):
+            assert "http://127.0.0.1:8000" in code, code
+            env = {**os.environ, **ONE_THREAD}
+            env.pop("OPENAI_BASE_URL", None)
+            run = subprocess.run([sys.executable, "-c", code.replace("http://127.0.0.1:8000", srv.url)],
+                                 cwd=work, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+            assert run.returncode == 0, run.stderr
+            assert run.stdout.splitlines() == printed, run.stdout
+            steps.append("sdk" if "from openai import" in code else "python")
     for step in ("train", "push", "classify", "classify a file", "replace", "rm"):
+        assert step in steps, f"the walkthrough no longer shows: {step}"
+    for step in ("tokens", "answer", "rerank", "embed", "sdk"):
         assert step in steps, f"the walkthrough no longer shows: {step}"
     assert steps.index("train") < steps.index("push") < steps.index("replace") < steps.index("rm")
 
