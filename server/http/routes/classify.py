@@ -6,9 +6,16 @@ import numpy as np
 from fastapi import APIRouter, Request, Response
 
 from loraplex.http.auth import ApiKeyAuth
-from loraplex.http.inputs import encode
 from loraplex.http.postprocess import classification
-from loraplex.http.routes.inference import body_schema, check_batch, infer, parse_body, read_body, respond
+from loraplex.http.routes.inference import (
+    body_schema,
+    check_batch,
+    infer,
+    parse_body,
+    read_body,
+    respond,
+    tokenizing,
+)
 from loraplex.http.schemas import ERROR_RESPONSES, ClassifyRequest, ClassifyResponse
 
 router = APIRouter(tags=["inference"])
@@ -25,17 +32,7 @@ async def classify(request: Request, _auth: ApiKeyAuth) -> Response:
     body = parse_body(await read_body(request), request.headers.get("content-type"), ClassifyRequest)
     texts = body.texts()
     check_batch(request, len(texts), body.adapter_id)
-    base = request.app.state.base
-
-    def tokenize():
-        return encode(
-            base.tokenizer,
-            base.max_length,
-            texts,
-            truncate=body.truncate,
-            direction=body.truncation_direction,
-        )
-
+    tokenize = tokenizing(request, texts, body.truncate, body.truncation_direction)
     run = await infer(request, body.adapter_id, "/classify", tokenize, top_k=body.top_k)
     if run.early is not None:
         return run.early

@@ -10,9 +10,16 @@ from fastapi import APIRouter, Request, Response
 
 from loraplex.adapters.errors import InvalidInputError
 from loraplex.http.auth import ApiKeyAuth
-from loraplex.http.inputs import encode
 from loraplex.http.postprocess import check_finite, pool, sentence_pooling
-from loraplex.http.routes.inference import body_schema, check_batch, infer, parse_body, read_body, respond
+from loraplex.http.routes.inference import (
+    body_schema,
+    check_batch,
+    infer,
+    parse_body,
+    read_body,
+    respond,
+    tokenizing,
+)
 from loraplex.http.schemas import ERROR_RESPONSES, EmbedRequest
 
 router = APIRouter(tags=["inference"])
@@ -26,7 +33,7 @@ async def embed(request: Request, _auth: ApiKeyAuth) -> Response:
     texts = body.texts()
     adapter_id = check_batch(request, len(texts), body.adapter_id)
     check_dimensions(request, body.dimensions)
-    tokenize = tokenizer(request, texts, truncate=body.truncate, direction=body.truncation_direction)
+    tokenize = tokenizing(request, texts, body.truncate, body.truncation_direction)
     run = await infer(request, adapter_id, "/embed", tokenize)
     if run.early is not None:
         return run.early
@@ -45,15 +52,6 @@ def check_dimensions(request: Request, dimensions: int | None) -> None:
             f"dimensions is {dimensions}, but this model's embeddings have {own} dimensions and are never "
             f"shortened; leave dimensions out (or send {own})."
         )
-
-
-def tokenizer(request: Request, texts: list[str], *, truncate: bool = True, direction: str = "right"):
-    base = request.app.state.base
-
-    def tokenize():
-        return encode(base.tokenizer, base.max_length, texts, truncate=truncate, direction=direction)
-
-    return tokenize
 
 
 def pooling_of(request: Request, pooling: str | None, normalize: bool | None) -> tuple[str, bool]:

@@ -3,7 +3,7 @@ engine process, wait (bounded by request_timeout_s, dropped when the client leav
 timing headers.
 
     body = parse_body(await read_body(request), request.headers.get("content-type"), EmbedRequest)
-    run = await infer(request, body.adapter_id, "/embed", lambda: encode(...))
+    run = await infer(request, body.adapter_id, "/embed", tokenizing(request, texts, body.truncate, ...))
     return respond(request, run, {"results": ...}, len(texts))
 
 Tokenizing runs on the worker's event loop: with one request's few texts it costs less than a hop to a
@@ -31,6 +31,7 @@ from loraplex.adapters.errors import (
     UnsupportedMediaError,
 )
 from loraplex.http.errors import describe_validation, error_response
+from loraplex.http.inputs import encode
 from loraplex.http.middleware import ACCESS_KEY
 
 
@@ -117,6 +118,13 @@ def choose_adapter(request: Request, adapter_id: str | None, model: str | None =
                 "send one adapter, or the same one in both."
             )
     return named[0][1] if named else None
+
+
+def tokenizing(request: Request, inputs: list, truncate: bool = True, direction: str = "right") -> Callable:
+    """What `infer` calls to tokenize the inputs (texts or pairs) with the base's tokenizer: cut at its
+    maximum length on the `direction` side, or refused past it when `truncate` is false."""
+    base = request.app.state.base
+    return lambda: encode(base.tokenizer, base.max_length, inputs, truncate=truncate, direction=direction)
 
 
 async def read_body(request: Request) -> bytes:

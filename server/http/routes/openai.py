@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 from loraplex.adapters.errors import NotFoundError
 from loraplex.adapters.store import ADAPTER_ID_RE
 from loraplex.http.auth import ApiKeyAuth
-from loraplex.http.routes.embed import check_dimensions, embeddings, pooling_of, tokenizer
+from loraplex.http.routes.embed import check_dimensions, embeddings, pooling_of
 from loraplex.http.routes.inference import (
     body_schema,
     check_batch,
@@ -26,6 +26,7 @@ from loraplex.http.routes.inference import (
     parse_body,
     read_body,
     respond,
+    tokenizing,
 )
 from loraplex.http.schemas import OPENAI_ERROR_RESPONSES, OpenAIEmbeddingsRequest
 
@@ -46,7 +47,7 @@ async def openai_embeddings(request: Request, _auth: ApiKeyAuth) -> Response:
     adapter_id = choose_adapter(request, None, model)  # OpenAI's body names the adapter in `model`
     note_access(request, adapter_id, len(texts))
     check_dimensions(request, body.dimensions)
-    run = await infer(request, adapter_id, "/v1/embeddings", tokenizer(request, texts))
+    run = await infer(request, adapter_id, "/v1/embeddings", tokenizing(request, texts))
     if run.early is not None:
         return run.early
     vectors = embeddings(run, *pooling_of(request, None, None))

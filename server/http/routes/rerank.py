@@ -6,9 +6,16 @@ import numpy as np
 from fastapi import APIRouter, Request, Response
 
 from loraplex.http.auth import ApiKeyAuth
-from loraplex.http.inputs import encode
 from loraplex.http.postprocess import check_finite, sigmoid
-from loraplex.http.routes.inference import body_schema, check_batch, infer, parse_body, read_body, respond
+from loraplex.http.routes.inference import (
+    body_schema,
+    check_batch,
+    infer,
+    parse_body,
+    read_body,
+    respond,
+    tokenizing,
+)
 from loraplex.http.schemas import ERROR_RESPONSES, RerankRequest
 
 router = APIRouter(tags=["inference"])
@@ -19,18 +26,8 @@ async def rerank(request: Request, _auth: ApiKeyAuth) -> Response:
     """The texts by relevance to the query, best first: sigmoid of the cross-encoder's logit."""
     body = parse_body(await read_body(request), request.headers.get("content-type"), RerankRequest)
     check_batch(request, len(body.texts), body.adapter_id)
-    base = request.app.state.base
     pairs = [(body.query, text) for text in body.texts]
-
-    def tokenize():
-        return encode(
-            base.tokenizer,
-            base.max_length,
-            pairs,
-            truncate=body.truncate,
-            direction=body.truncation_direction,
-        )
-
+    tokenize = tokenizing(request, pairs, body.truncate, body.truncation_direction)
     run = await infer(request, body.adapter_id, "/rerank", tokenize)
     if run.early is not None:
         return run.early

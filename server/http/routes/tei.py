@@ -14,10 +14,17 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validat
 from loraplex.adapters.errors import InvalidInputError
 from loraplex.console import version
 from loraplex.http.auth import ApiKeyAuth
-from loraplex.http.inputs import encode
 from loraplex.http.postprocess import classification
 from loraplex.http.routes.embed import pooling_of
-from loraplex.http.routes.inference import body_schema, check_batch, infer, parse_body, read_body, respond
+from loraplex.http.routes.inference import (
+    body_schema,
+    check_batch,
+    infer,
+    parse_body,
+    read_body,
+    respond,
+    tokenizing,
+)
 from loraplex.http.schemas import (
     ADAPTER_ID_SCHEMA,
     ERROR_RESPONSES,
@@ -99,17 +106,7 @@ async def predict(request: Request, _auth: ApiKeyAuth) -> Response:
             "/predict needs a sequence-classification adapter: name it in the X-Adapter-Id header or as "
             "adapter_id in the body."
         )
-    base = request.app.state.base
-
-    def tokenize():
-        return encode(
-            base.tokenizer,
-            base.max_length,
-            texts,
-            truncate=body.truncate,
-            direction=body.truncation_direction,
-        )
-
+    tokenize = tokenizing(request, texts, body.truncate, body.truncation_direction)
     run = await infer(request, adapter_id, "/predict", tokenize)
     if run.early is not None:
         return run.early

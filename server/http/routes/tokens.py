@@ -6,9 +6,17 @@ from fastapi import APIRouter, Request, Response
 
 from loraplex.http.auth import ApiKeyAuth
 from loraplex.http.entities import check_aggregation, entities, token_pieces
-from loraplex.http.inputs import _side, encode
+from loraplex.http.inputs import _side
 from loraplex.http.postprocess import check_finite
-from loraplex.http.routes.inference import body_schema, check_batch, infer, parse_body, read_body, respond
+from loraplex.http.routes.inference import (
+    body_schema,
+    check_batch,
+    infer,
+    parse_body,
+    read_body,
+    respond,
+    tokenizing,
+)
 from loraplex.http.schemas import ERROR_RESPONSES, TokensRequest, TokensResponse
 
 router = APIRouter(tags=["inference"])
@@ -30,14 +38,10 @@ async def tokens(request: Request, _auth: ApiKeyAuth) -> Response:
     check_aggregation(body.aggregation, base.tokenizer)
     pieces = []
 
+    encode_texts = tokenizing(request, texts, body.truncate, body.truncation_direction)
+
     def tokenize():
-        rows = encode(
-            base.tokenizer,
-            base.max_length,
-            texts,
-            truncate=body.truncate,
-            direction=body.truncation_direction,
-        )
+        rows = encode_texts()
         side = _side(base.tokenizer, body.truncation_direction)
         pieces.extend(token_pieces(base.tokenizer, texts, base.max_length, side))
         return rows
