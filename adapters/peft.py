@@ -317,8 +317,9 @@ def matched_targets(config: dict, base: BaseSpec) -> list[str]:
     for name in config.get("modules_to_save") or []:
         if name not in head_modules and any(_matches_list(m, [name]) for m in base.module_names):
             raise InvalidAdapterError(
-                f"Field 'modules_to_save' lists '{name}'; only the classification head "
-                f"({', '.join(base.head_modules)}) may be saved whole."
+                f"Field 'modules_to_save' lists '{name}', a module of the encoder that every adapter "
+                f"shares; only the head ({', '.join(base.head_modules)}) may be saved whole. Train without "
+                f"'{name}' in modules_to_save; LoRA on the encoder's linear layers is served."
             )
     matched = []
     for name in base.module_names:

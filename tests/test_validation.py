@@ -354,3 +354,34 @@ def test_a_fault_of_the_parser_is_not_blamed_on_the_adapter(engine, good_dir, mo
             "good", good.config_bytes, good.model, parse_labels(good.labels), engine.base,
             max_rank=MAX_RANK, max_labels=MAX_LABELS,
         )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("saved", "module"),
+    [
+        (["classifier", "LayerNorm"], "LayerNorm"),
+        (["classifier", "word_embeddings"], "word_embeddings"),
+        (["pooler", "classifier"], "pooler"),
+    ],  # fmt: skip
+)
+def test_a_module_saved_inside_the_shared_encoder_is_refused_by_name(engine, tmp_path, saved, module):
+    """PEFT saves modules_to_save whole; inside the encoder (norms, embeddings, BERT's pooler) such a copy
+    would change the one encoder every adapter shares, so the upload is a 422 that names the module and what
+    may be saved, never a silent drop of the tensors the adapter was trained with."""
+    from tests.peft_factory import save_peft_adapter
+
+    folder = save_peft_adapter(tmp_path / "a", modules_to_save=saved)
+    tensors = load_bytes((folder / "adapter_model.safetensors").read_bytes())
+    assert any(f".{module}." in key for key in tensors), sorted(tensors)  # PEFT did save it
+    with pytest.raises(LoraplexError) as info:
+        validate_upload(
+            "inside",
+            (folder / "adapter_config.json").read_bytes(),
+            (folder / "adapter_model.safetensors").read_bytes(),
+            parse_labels((folder / "labels.json").read_text()),
+            engine.base,
+            max_rank=MAX_RANK,
+            max_labels=MAX_LABELS,
+        )
+    assert STATUS[info.value.error_type] == 422
+    assert f"'{module}'" in info.value.message and "classifier" in info.value.message, info.value.message
