@@ -36,6 +36,7 @@ from loraplex.client import (
     error_from_response,
 )
 from tests.live_server import REPO, LiveServer, free_port
+from tests.paced_engine import EngineControl
 from tests.peft_factory import peft_logits, save_peft_adapter
 
 API_KEY, ADMIN = "client-test-key-7c2e9a4f1b8d3e6a0c5f", "client-test-admin-4b8e1f6c9d2a7e3b05"
@@ -58,13 +59,18 @@ def adapters(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def srv(tmp_path_factory):
+def control():
+    return EngineControl()
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory, control):
     store = tmp_path_factory.mktemp("store")
     # One row per forward pass and a queue of 32 rows, so that two full requests at once must overflow it.
     server = LiveServer(
         "--adapter-store", str(store), "--max-rank", "16", "--max-body-bytes", "65536",
         "--max-upload-bytes", "1000000", "--max-batch-size", "1", "--max-queued", "32",
-        env={"LORAPLEX_API_KEY": API_KEY, "LORAPLEX_ADMIN_TOKEN": ADMIN},
+        env={"LORAPLEX_API_KEY": API_KEY, "LORAPLEX_ADMIN_TOKEN": ADMIN}, control=control,
     )  # fmt: skip
     with server:
         server.store = store
@@ -395,18 +401,23 @@ def test_cli_entry_point_in_a_subprocess(srv):
 # ------------------------------------------------------- last: stops the module's server (drain -> 503)
 
 
-def test_unavailable_while_draining(srv, client, adapters):
+def test_unavailable_while_draining(srv, client, adapters, control):
     client.upload("drain", adapters["sent"])
+    entered_before = control.entered()[1]
+    control.hold()  # the slow request's first row stays in the engine until the new request has been refused
     slow: dict = {}
     worker = threading.Thread(target=lambda: slow.update(answer=client.classify("drain", [SLOW] * 16)))
     worker.start()
-    deadline = time.monotonic() + 30
-    while "loraplex_queue_depth 0.0" in httpx.get(srv.url + "/metrics", timeout=60).text:
-        assert time.monotonic() < deadline and worker.is_alive(), "the slow request never queued"
+    deadline = time.monotonic() + 60
+    while control.entered()[1] == entered_before:
+        assert time.monotonic() < deadline and worker.is_alive(), "the slow request never reached the engine"
         time.sleep(0.01)
     srv.signal()  # SIGTERM: requests already accepted finish, new ones are refused
-    with Client(srv.url, api_key=API_KEY) as other:
-        err = raises(UnavailableError, 503, lambda: other.classify("drain", "hello"))
+    try:
+        with Client(srv.url, api_key=API_KEY) as other:
+            err = raises(UnavailableError, 503, lambda: other.classify("drain", "hello"))
+    finally:
+        control.release()
     worker.join(60)
     assert len(slow["answer"].results) == 16
     assert srv.proc.wait(60) == 0
