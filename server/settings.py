@@ -40,8 +40,10 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on")
     model: str | None = Field(None, description="base model directory (unset: the embedded all-MiniLM-L6-v2)")
     device: str | None = Field(None, description="cpu, cuda or cuda:N (unset: cuda when available)")
-    dtype: Literal["float32", "float16", "bfloat16", "int8"] = Field(
-        "float32", description="engine precision: float32; bfloat16 or int8 on cpu; float16, bfloat16 on cuda"
+    dtype: Literal["auto", "float32", "float16", "bfloat16", "int8"] = Field(
+        "auto",
+        description="engine precision (auto: bfloat16 on cuda, float32 on cpu): float32; bfloat16 or int8 on "
+        "cpu; float16, bfloat16 on cuda",
     )
     adapter_store: str = Field(
         "./adapter-store", description="shared adapter store: a directory or s3://bucket/prefix"

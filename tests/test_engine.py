@@ -167,6 +167,12 @@ def test_cuda_matches_peft(adapters, dtype):
         assert (torch.softmax(row, -1) - adapters[s][2][t]).abs().max().item() <= tol
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_serves_in_bfloat16_unless_told_otherwise():
+    assert Engine(device="cuda", dtype="auto", num_slots=1, max_rank=4).dtype == "bfloat16"
+
+
 def test_each_row_owns_its_memory_not_the_whole_batchs(engine, tmp_path):
     """A request keeps its rows until all are done; a row that were a view of the batch's host tensor would
     keep every other row's embeddings alive with it."""

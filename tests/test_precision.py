@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import BertConfig, DistilBertConfig, ElectraConfig, RobertaConfig
 
-from loraplex.engine.core import Engine
+from loraplex.engine.core import Engine, resolve_dtype
 from loraplex.engine.lora import OneDnnLinear, SlotLinear, _checked, pack_weight
 from tests.family_support import TEXTS, load_adapter, save_model, tiny_config_kwargs
 from tests.peft_factory import save_peft_adapter
@@ -87,6 +87,14 @@ def test_engine_agrees_with_float32(families, name, dtype):
         top2 = w.topk(2).values
         if top2[0] - top2[1] > 2 * tolerance:
             assert g.argmax() == w.argmax(), (name, dtype, w, g)
+
+
+def test_auto_precision_is_float32_on_the_cpu_and_bfloat16_on_a_gpu():
+    assert resolve_dtype("auto", torch.device("cpu")) == "float32"
+    assert resolve_dtype(None, torch.device("cpu")) == "float32"
+    assert resolve_dtype("auto", torch.device("cuda", 1)) == "bfloat16"
+    assert resolve_dtype("int8", torch.device("cpu")) == "int8"  # a precision asked for is kept
+    assert Engine(device="cpu", dtype="auto", num_slots=1, max_rank=4).dtype == "float32"
 
 
 def test_float16_on_cpu_and_int8_on_cuda_are_refused():

@@ -113,7 +113,7 @@ def test_preload_is_repeatable_and_a_comma_list_in_env(clean_env, tmp_path):
         (["--max-batch-size", "-1"], {}, ["--max-batch-size"]),
         (["--max-wait-ms", "soon"], {}, ["--max-wait-ms"]),
         (["--request-timeout-s", "0"], {}, ["--request-timeout-s"]),
-        (["--dtype", "float8"], {}, ["--dtype", "float32"]),
+        (["--dtype", "float8"], {}, ["--dtype", "auto", "float32"]),
         (["--device", "gpu"], {}, ["--device", "cuda:N"]),
         (["--log-level", "loud"], {}, ["--log-level"]),
         (["--max-client-batch", "64", "--max-queued", "32"], {}, ["max_client_batch", "max_queued"]),

@@ -110,6 +110,14 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
+def resolve_dtype(dtype: str | None, device: torch.device) -> str:
+    """ "auto" (or None): bfloat16 on a GPU, where it halves the memory traffic of a dispatch- and
+    bandwidth-bound encoder; float32 on the CPU, where bfloat16 pays only with AVX512-BF16 or AMX."""
+    if dtype in (None, "", "auto"):
+        return "bfloat16" if device.type == "cuda" else "float32"
+    return dtype
+
+
 class Engine:
     def __init__(
         self,
@@ -121,9 +129,10 @@ class Engine:
         max_rank: int = 64,
         max_labels: int = 32,
     ):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self.device = resolve_device(device)
+        dtype = resolve_dtype(dtype, self.device)
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)} or auto, got {dtype!r}")
         allowed = DEVICE_DTYPES.get(self.device.type, ("float32",))
         if dtype not in allowed:
             raise ValueError(
