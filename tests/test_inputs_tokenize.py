@@ -113,6 +113,21 @@ def test_a_long_input_is_refused_alike_without_truncation(kind):
     assert ours.value.message.startswith("Input 1 has ")
 
 
+def test_a_tokenizer_class_that_changes_the_call_is_called_as_it_is():
+    class Shouting(PreTrainedTokenizerFast):
+        def _encode_plus(self, text, text_pair=None, **kwargs):
+            upper = [t.upper() for t in text] if isinstance(text, list) else text.upper()
+            return super()._encode_plus(upper, text_pair, **kwargs)
+
+    plain = bpe_tokenizer()
+    shouting = Shouting(tokenizer_object=plain._tokenizer, bos_token="<s>", eos_token="</s>")
+    shouting.model_input_names = plain.model_input_names
+    assert inputs._rust_tokenizers(shouting) is None and inputs._rust_tokenizers(plain) is not None
+    ours = inputs.encode(shouting, MAX_LENGTH, ["great phone"])
+    assert list(ours[0]) == shouting(["great phone"])["input_ids"][0]
+    assert list(ours[0]) != list(inputs.encode(plain, MAX_LENGTH, ["great phone"])[0])
+
+
 def test_a_request_leaves_the_tokenizers_own_settings_alone():
     tokenizer = minilm_tokenizer()
     before = (tokenizer._tokenizer.truncation, tokenizer._tokenizer.padding)

@@ -100,20 +100,39 @@ class RustTokenizers:
         return copy_
 
 
+# Where a tokenizer class could change what a call encodes: one that defines any of these itself (below
+# the library's fast tokenizer) is called as it is.
+_CALL_PATH = (
+    "__call__", "_call_one", "encode_plus", "batch_encode_plus", "_encode_plus", "_batch_encode_plus",
+)  # fmt: skip
+
+
 def _rust_tokenizers(tokenizer) -> RustTokenizers | None:
-    """The Rust copies of a fast tokenizer; None for a slow one (called as it is)."""
+    """The Rust copies of a fast tokenizer; None for a slow one, or one whose class changes the call."""
     try:
         return _rust[tokenizer]
     except KeyError:
         pass
+    with _lock:
+        return _rust.setdefault(tokenizer, RustTokenizers(tokenizer) if _plain_fast(tokenizer) else None)
+
+
+def _plain_fast(tokenizer) -> bool:
     try:
         from tokenizers import Tokenizer
-    except ImportError:  # pragma: no cover - transformers' fast tokenizers need it
-        Tokenizer = None
-    backend = getattr(tokenizer, "_tokenizer", None)
-    rust = RustTokenizers(tokenizer) if Tokenizer is not None and isinstance(backend, Tokenizer) else None
-    with _lock:
-        return _rust.setdefault(tokenizer, rust)
+        from transformers import PreTrainedTokenizerFast
+    except ImportError:  # pragma: no cover - transformers' fast tokenizers need both
+        return False
+    if not isinstance(tokenizer, PreTrainedTokenizerFast):
+        return False
+    if not isinstance(getattr(tokenizer, "_tokenizer", None), Tokenizer):
+        return False
+    for klass in type(tokenizer).__mro__:
+        if klass is PreTrainedTokenizerFast:
+            return True
+        if any(name in vars(klass) for name in _CALL_PATH):
+            return False
+    return False
 
 
 def _call(tokenizer, texts: list[Text], max_length: int | None = None) -> dict:
