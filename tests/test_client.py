@@ -414,6 +414,11 @@ def test_unavailable_while_draining(srv, client, adapters, control):
         time.sleep(0.01)
     srv.signal()  # SIGTERM: requests already accepted finish, new ones are refused
     try:
+        # The signal reaches the worker a moment later: a request sent before that is admitted (and would
+        # wait behind the held row), so the new request goes once /ready says the server drains.
+        while httpx.get(srv.url + "/ready", timeout=60).status_code != 503:
+            assert time.monotonic() < deadline, "the server never started draining"
+            time.sleep(0.01)
         with Client(srv.url, api_key=API_KEY) as other:
             err = raises(UnavailableError, 503, lambda: other.classify("drain", "hello"))
     finally:
