@@ -170,9 +170,9 @@ class Registry:
 
     def get_cached(self, adapter_id: str) -> AdapterHandle | None:
         """`get` without waiting: the current version when it is in host memory, else None (then `get`)."""
-        _check_known_id(adapter_id)
-        known = self._known.get(adapter_id)
+        known = self._known.get(adapter_id) if isinstance(adapter_id, str) else None
         if known is None:
+            _check_known_id(adapter_id)  # a known id was checked when it became known
             return None
         handle = self._host.get((adapter_id, known.record.version))
         if handle is not None:

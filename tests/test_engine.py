@@ -190,3 +190,25 @@ def test_each_row_owns_its_memory_not_the_whole_batchs(engine, tmp_path):
     for row, tokens in zip(rows, ids, strict=True):
         assert row.shape == (len(tokens), engine.base.hidden_size)
         assert row.untyped_storage().nbytes() == row.numel() * row.element_size()
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the thread count of a pass is the CPU's")
+def test_a_small_pass_runs_on_one_thread_and_the_caller_keeps_its_threads(engine, monkeypatch):
+    import loraplex.engine.core as core
+
+    seen = []
+    hook = engine.model.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ids = engine.tokenize(["ok"])  # 3 tokens of MiniLM: above the limit, so every thread takes part
+        engine.classify(ids, [engine.empty_slot])
+        monkeypatch.setattr(core, "CPU_SMALL_PASS_FLOPS", 3 * engine.flops_per_token + 1)
+        small = engine.classify(ids, [engine.empty_slot])
+        assert seen == [2, 1]
+        assert torch.get_num_threads() == 2  # restored for whatever the caller runs next
+        monkeypatch.setattr(core, "CPU_SMALL_PASS_FLOPS", 0)
+        torch.testing.assert_close(engine.classify(ids, [engine.empty_slot])[0], small[0])
+    finally:
+        hook.remove()
+        torch.set_num_threads(threads)

@@ -44,7 +44,7 @@ def test_split_is_the_cheapest_within_budget(seed):
     rng = random.Random(seed)
     n = rng.randint(1, 10)
     lengths = sorted((rng.randint(2, 60) for _ in range(n)), reverse=True)
-    max_tokens, group_cost = rng.choice([40, 100, 300]), rng.choice([0, 16, 64])
+    max_tokens, group_cost = rng.choice([40, 100, 300]), rng.choice([0, 16, 64, 500])
     sizes = length_groups(lengths, max_tokens, group_cost)
     assert sum(sizes) == n and all(size >= 1 for size in sizes)
     assert within_budget(lengths, sizes, max_tokens)

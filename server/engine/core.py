@@ -24,6 +24,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -52,6 +53,10 @@ DEVICE_DTYPES = {"cpu": ("float32", "bfloat16", "int8"), "cuda": ("float32", "fl
 CPU_GROUP_TOKENS = 1024
 WARMUP_TOKENS = 512
 CPU_GROUP_COST_TOKENS_AT_384 = 64
+# On the CPU a forward pass of fewer frozen-matmul FLOPs than this runs on one thread: its ops are too
+# small to split, and a second thread that took part would spin after each op and stall the workers that
+# share its core. (MiniLM's smallest pass, one 8-token row, is about 170 MFLOP and stays parallel.)
+CPU_SMALL_PASS_FLOPS = 32e6
 
 
 EMBEDDED_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what the embedded default weights are
@@ -156,6 +161,10 @@ class Engine:
                 model, config=config, output_loading_info=True, ignore_mismatched_sizes=True
             )
         seq_cls.eval()
+        # Frozen-matmul FLOPs per token (2 x the encoder's matrix weights): a pass's size, for its threads.
+        self.flops_per_token = 2 * sum(
+            p.numel() for n, p in seq_cls.base_model.named_parameters() if p.dim() == 2 and "embed" not in n
+        )
         fresh = sorted({key.split(".", 1)[0] for key in loading.get("missing_keys", ())})
         if fresh:
             log.info(
@@ -243,6 +252,25 @@ class Engine:
             raise ValueError("classify needs one slot per row and at least one row")
         order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]), reverse=True)
         lengths = [len(token_ids[i]) for i in order]
+        with self._threads_for(sum(lengths)):
+            return self._classify(token_ids, slots, order, lengths)
+
+    @contextlib.contextmanager
+    def _threads_for(self, tokens: int):
+        """On the CPU, a pass below CPU_SMALL_PASS_FLOPS runs on one thread (then the thread count is
+        restored: it is the calling thread's setting, and the caller may run other work after it)."""
+        threads = torch.get_num_threads()
+        small = self.device.type == "cpu" and tokens * self.flops_per_token < CPU_SMALL_PASS_FLOPS
+        if not small or threads == 1:
+            yield
+            return
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+
+    def _classify(self, token_ids, slots: list[int], order: list[int], lengths: list[int]) -> list:
         results: list[torch.Tensor | None] = [None] * len(token_ids)
         start = 0
         for size in length_groups(lengths, self.group_tokens, self.group_cost_tokens):
@@ -256,10 +284,15 @@ class Engine:
         return results
 
     def _forward(self, token_ids: list[list[int]], slots: list[int]) -> list[torch.Tensor]:
-        longest = max(len(row) for row in token_ids)
+        row_lengths = [len(row) for row in token_ids]
+        longest = max(row_lengths)
         pad = self.tokenizer.pad_token_id or 0
-        input_ids = torch.tensor([row + [pad] * (longest - len(row)) for row in token_ids])  # [B, T]
-        lengths = torch.tensor([len(row) for row in token_ids])
+        # Built in numpy: torch.tensor reads a Python list element by element, several times slower.
+        ids = np.full((len(token_ids), longest), pad, dtype=np.int64)
+        for i, row in enumerate(token_ids):
+            ids[i, : len(row)] = row
+        input_ids = torch.from_numpy(ids)  # [B, T]
+        lengths = torch.from_numpy(np.array(row_lengths, dtype=np.int64))
         positions = torch.arange(longest)[None, :]  # [1, T]
         mask = positions < lengths[:, None]  # [B, T]
         # Token type 1 from each pair's second text on; single texts (and families without types): 0.
@@ -271,7 +304,8 @@ class Engine:
         ]
         types = None
         if any(s < len(row) for s, row in zip(starts, token_ids, strict=True)):
-            types = ((positions >= torch.tensor(starts)[:, None]) & mask).long()  # [B, T]
+            first = torch.from_numpy(np.array(starts, dtype=np.int64))
+            types = ((positions >= first[:, None]) & mask).long()  # [B, T]
         tasks = [self.slot_task[s] for s in slots]
         by_task = {task: [p for p, t in enumerate(tasks) if t == task] for task in dict.fromkeys(tasks)}
         # Segments, per-layer ranks and every index tensor of the pass (task subsets too): built here on
@@ -287,15 +321,16 @@ class Engine:
         # its own bytes, not the whole batch's (an embedding batch is rows x tokens x hidden floats).
         results: list[torch.Tensor | None] = [None] * len(token_ids)
         for task, positions_of_task in by_task.items():
-            host = out[task].float().cpu()  # one copy to the host per task
+            host = out[task].float().cpu().numpy()  # one copy to the host per task; rows cut in numpy
             for k, p in enumerate(positions_of_task):
                 labels, length = self.slot_labels[slots[p]], len(token_ids[p])
                 if task == SEQ_CLS:
-                    results[p] = host[k, :labels].clone()
+                    row = host[k, :labels]
                 elif task == FEATURE_EXTRACTION:
-                    results[p] = host[k, :length].clone()
+                    row = host[k, :length]
                 else:
-                    results[p] = host[k, :length, :labels].clone()
+                    row = host[k, :length, :labels]
+                results[p] = torch.from_numpy(row.copy())
         return results
 
     def warmup(self) -> None:
@@ -331,6 +366,10 @@ def length_groups(lengths: list[int], max_tokens: int | None, cost_tokens: int) 
     n = len(lengths)
     if max_tokens is None or n <= 1:
         return [n] if n else []
+    # Any split into two or more runs costs at least the real tokens plus two runs' cost; one run within
+    # the budget whose padding is at most one run's cost is therefore the least (found in O(n), not n^2).
+    if n * lengths[0] <= max_tokens and n * lengths[0] - sum(lengths) <= cost_tokens:
+        return [n]
     best = [0] + [float("inf")] * n  # best[j]: least cost of the first j rows
     cut = [0] * (n + 1)
     for j in range(1, n + 1):
