@@ -89,6 +89,16 @@ class Metrics:
         self._max_adapter_labels = max_adapter_labels
         self._adapter_labels: set[str] = set()
         self._lock = threading.Lock()
+        self._children: dict[tuple[int, tuple[str, ...]], object] = {}
+
+    def child(self, metric, *labels: str):
+        """`metric.labels(*labels)`, kept once made (the client library checks and looks the labels up
+        again on every call). Every label set here is bounded, so the cache is too."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def adapter_label(self, adapter_id: str) -> str:
         """The first `max_adapter_labels` adapters seen get their own label, so cardinality stays bounded."""

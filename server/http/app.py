@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from fastapi import FastAPI
+from starlette.datastructures import State
 
 from loraplex.http.engine_client import EngineClient
 from loraplex.http.errors import install_error_handlers
@@ -76,6 +77,7 @@ def create_app(settings: Settings, link: EngineLink | None = None) -> FastAPI:
         docs_url=None,  # /docs and /redoc come from routes.docs, with their assets served locally
         redoc_url=None,
     )
+    app.state = AppState()
     app.state.settings = settings
     app.state.link = link
     app.state.metrics = Metrics(settings.metrics_adapter_limit)
@@ -95,6 +97,14 @@ def create_app(settings: Settings, link: EngineLink | None = None) -> FastAPI:
         app.include_lean(router.router)
     install_openapi(app, max_client_batch=settings.max_client_batch)
     return app
+
+
+class AppState(State):
+    """The app's state as plain attributes: a worker reads a dozen of them per request, and Starlette's
+    State finds each through `__getattr__` (a Python call) instead of the instance's own dictionary."""
+
+    def __init__(self):
+        super().__init__(self.__dict__)
 
 
 @asynccontextmanager

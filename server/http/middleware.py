@@ -70,7 +70,8 @@ class ServingMiddleware:
             nonlocal label, counted
             if label is None:
                 label = _route_label(scope)
-            state.metrics.requests.labels(label, method_label(scope["method"]), str(status)).inc()
+            metrics = state.metrics
+            metrics.child(metrics.requests, label, method_label(scope["method"]), str(status)).inc()
             counted = True
 
         async def send_status(message: Message) -> None:
@@ -111,7 +112,7 @@ class ServingMiddleware:
             if not counted:  # no answer was sent (an exception that escaped every handler)
                 count()
             seconds = time.perf_counter() - started
-            state.metrics.request_seconds.labels(label).observe(seconds)
+            state.metrics.child(state.metrics.request_seconds, label).observe(seconds)
             _log_access(scope, label, access, status, seconds, tracked)
 
     @staticmethod

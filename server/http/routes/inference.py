@@ -3,7 +3,8 @@ engine process, wait (bounded by request_timeout_s, dropped when the client leav
 timing headers.
 
     body = parse_body(await read_body(request), request.headers.get("content-type"), EmbedRequest)
-    run = await infer(request, body.adapter_id, "/embed", tokenizing(request, texts, body.truncate, ...))
+    adapter_id = check_batch(request, len(texts), body.adapter_id)  # the body's, the header's or None
+    run = await infer(request, adapter_id, "/embed", tokenizing(request, texts, body.truncate, ...))
     return respond(request, run, {"results": ...}, len(texts))
 
 Tokenizing runs on the worker's event loop: with one request's few texts it costs less than a hop to a
@@ -33,6 +34,10 @@ from loraplex.adapters.errors import (
 from loraplex.http.errors import describe_validation, error_response
 from loraplex.http.inputs import encode
 from loraplex.http.middleware import ACCESS_KEY
+
+DEADLINE_KEY = "loraplex.deadline"  # scope key: the event loop's time by which the request must be answered
+# How long an answer is waited for before the client's connection is watched for a disconnect.
+WATCH_AFTER_S = 0.02
 
 
 @dataclass(frozen=True)
@@ -69,7 +74,24 @@ def parse_body(raw: bytes, content_type: str | None, model: type[BaseModel]):
             'The request body is empty; send a JSON object like {"adapter_id": ..., "inputs": ...}.'
         )
     try:
-        data = json.loads(raw, parse_constant=_reject_constant)
+        data = orjson.loads(raw)  # strict UTF-8 JSON with 64-bit numbers: nearly every body
+    except orjson.JSONDecodeError:
+        data = _loads(raw)  # anything else as the standard library reads it, or its error
+    if not isinstance(data, dict):
+        raise InvalidInputError(
+            'The request body must be a JSON object like {"adapter_id": ..., "inputs": ...}.'
+        )
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidInputError(describe_validation(exc.errors())) from None
+
+
+def _loads(raw: bytes):
+    """JSON as the standard library reads it (other encodings, big integers, lone surrogates); NaN and
+    Infinity refused; every failure a 400 that says where."""
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
     except UnicodeDecodeError:
         raise BadRequestError("The request body is not valid UTF-8.") from None
     except json.JSONDecodeError as exc:
@@ -80,14 +102,6 @@ def parse_body(raw: bytes, content_type: str | None, model: type[BaseModel]):
         raise BadRequestError(f"The request body is not valid JSON: {exc}.") from None
     except RecursionError:
         raise BadRequestError("The request body nests JSON too deeply.") from None
-    if not isinstance(data, dict):
-        raise InvalidInputError(
-            'The request body must be a JSON object like {"adapter_id": ..., "inputs": ...}.'
-        )
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise InvalidInputError(describe_validation(exc.errors())) from None
 
 
 def check_batch(request: Request, count: int, adapter_id: str | None, what: str = "texts") -> str | None:
@@ -120,6 +134,17 @@ def choose_adapter(request: Request, adapter_id: str | None, model: str | None =
     return named[0][1] if named else None
 
 
+def required_adapter(adapter_id: str | None, route: str, what: str) -> str:
+    """The adapter that `check_batch` chose for `route`; a 422 when neither the body's adapter_id nor the
+    X-Adapter-Id header names one (only /embed serves the base model itself)."""
+    if adapter_id is None:
+        raise InvalidInputError(
+            f"adapter_id is required: {route} needs {what} adapter; name it as adapter_id in the body or in "
+            "the X-Adapter-Id header."
+        )
+    return adapter_id
+
+
 def tokenizing(request: Request, inputs: list, truncate: bool = True, direction: str = "right") -> Callable:
     """What `infer` calls to tokenize the inputs (texts or pairs) with the base's tokenizer: cut at its
     maximum length on the `direction` side, or refused past it when `truncate` is false."""
@@ -131,9 +156,9 @@ async def read_body(request: Request) -> bytes:
     """The request body, read under the request's deadline (request_timeout_s from now, which `infer`
     keeps): a client that sends its body slowly gets a 400 instead of holding the server (and its drain)."""
     timeout = request.app.state.settings.request_timeout_s
-    request.state.deadline = asyncio.get_running_loop().time() + timeout
+    deadline = request.scope[DEADLINE_KEY] = asyncio.get_running_loop().time() + timeout
     try:
-        async with asyncio.timeout_at(request.state.deadline):
+        async with asyncio.timeout_at(deadline):
             return await request.body()
     except TimeoutError:
         raise BadRequestError(
@@ -155,7 +180,7 @@ async def infer(
     state = request.app.state
     settings = state.settings
     loop = asyncio.get_running_loop()
-    deadline = getattr(request.state, "deadline", None) or loop.time() + settings.request_timeout_s
+    deadline = request.scope.get(DEADLINE_KEY) or loop.time() + settings.request_timeout_s
     try:
         if top_k is not None and top_k > settings.max_labels:
             raise InvalidInputError(
@@ -180,10 +205,25 @@ async def infer(
     if outcome == "timeout":
         raise _timed_out(settings.request_timeout_s)
     result = answer.result()
-    adapter = result["adapter"]
-    handle = AdapterView(**{**adapter, "labels": tuple(adapter["labels"])})
+    handle = _view(result["adapter"])
     outputs = [ipc.unpack_array(packed) for packed in result["outputs"]]
     return Run(handle, rows, outputs, started, tokenize_seconds, result["queue_s"], result["inference_s"])
+
+
+_views: dict[tuple, AdapterView] = {}
+VIEWS_KEPT = 4096  # adapter versions whose views a worker keeps (then it starts again)
+
+
+def _view(adapter: dict) -> AdapterView:
+    """The engine's description of an adapter version as an AdapterView, made once per version: a
+    version's labels and task never change, and its metric label is fixed for the engine's life."""
+    key = (adapter["adapter_id"], adapter["version"], adapter["metric_label"])
+    view = _views.get(key)
+    if view is None:
+        if len(_views) >= VIEWS_KEPT:
+            _views.clear()
+        view = _views[key] = AdapterView(**{**adapter, "labels": tuple(adapter["labels"])})
+    return view
 
 
 def respond(request: Request, run: Run, fields: dict | list, inputs: int, *, bare: bool = False) -> Response:
@@ -193,18 +233,33 @@ def respond(request: Request, run: Run, fields: dict | list, inputs: int, *, bar
     own = {"adapter_id": handle.adapter_id, "adapter_version": handle.version}
     body = fields if bare else {**own, **fields}
     content = orjson.dumps(body)
-    request.app.state.metrics.inputs.labels(handle.metric_label).inc(inputs)
+    metrics = request.app.state.metrics
+    metrics.child(metrics.inputs, handle.metric_label).inc(inputs)
     note_access(request, handle.adapter_id, inputs)
-    headers = {
-        "x-tokenization-time": _ms(run.tokenize_seconds),
-        "x-queue-time": _ms(run.queue_seconds),
-        "x-inference-time": _ms(run.inference_seconds),
-        "x-total-time": _ms(time.perf_counter() - run.started),
-    }
-    if bare:
-        headers["x-adapter-id"] = handle.adapter_id or ""
-        headers["x-adapter-version"] = handle.version
-    return Response(content, media_type="application/json", headers=headers)
+    headers = [
+        (b"content-length", b"%d" % len(content)),
+        (b"content-type", b"application/json"),
+        (b"x-tokenization-time", _ms(run.tokenize_seconds)),
+        (b"x-queue-time", _ms(run.queue_seconds)),
+        (b"x-inference-time", _ms(run.inference_seconds)),
+        (b"x-total-time", _ms(time.perf_counter() - run.started)),
+    ]
+    if bare:  # an adapter id and a version are ASCII (their formats are checked)
+        headers.append((b"x-adapter-id", (handle.adapter_id or "").encode()))
+        headers.append((b"x-adapter-version", handle.version.encode()))
+    return Answer(content, headers)
+
+
+class Answer(Response):
+    """A 200 JSON answer whose headers are given as they go out (lower-case names, bytes)."""
+
+    media_type = "application/json"
+
+    def __init__(self, content: bytes, raw_headers: list[tuple[bytes, bytes]]):
+        self.status_code = 200
+        self.background = None
+        self.body = content
+        self.raw_headers = raw_headers
 
 
 def note_access(request: Request, adapter_id: str | None, rows: int) -> None:
@@ -226,20 +281,38 @@ def body_schema(model: type[BaseModel]) -> dict:
 
 
 async def _wait(client, request_id: int, answer: asyncio.Future, request: Request, timeout: float) -> str:
-    """Wait for the answer unless the client leaves or time runs out: "done", "disconnect" or "timeout"."""
-    watcher = asyncio.ensure_future(_disconnected(request))
+    """Wait for the answer unless the client leaves or time runs out: "done", "disconnect" or "timeout".
+
+    Most answers come within milliseconds, so the client's connection is watched (a task reading the next
+    ASGI message) only once the answer has been waited for `WATCH_AFTER_S`: a request answered sooner
+    costs one future and two timer handles, not a task and its cancellation."""
+    loop = asyncio.get_running_loop()
+    woken: asyncio.Future = loop.create_future()
+    watcher: asyncio.Task | None = None
+
+    def wake(outcome: str) -> None:
+        if not woken.done():
+            woken.set_result(outcome)
+
+    def watch() -> None:
+        nonlocal watcher
+        if not woken.done():
+            watcher = asyncio.ensure_future(_disconnected(request))
+            watcher.add_done_callback(lambda task: task.cancelled() or wake("disconnect"))
+
+    answer.add_done_callback(lambda _: wake("done"))
+    timer = loop.call_later(max(timeout, 0), wake, "timeout")
+    watching = loop.call_later(min(WATCH_AFTER_S, max(timeout, 0)), watch)
     outcome = "cancelled"
     try:
-        done, _ = await asyncio.wait(
-            (answer, watcher), timeout=max(timeout, 0), return_when="FIRST_COMPLETED"
-        )
-        if answer in done:
+        outcome = await woken
+        if outcome == "done":
             answer.result()  # a failed request raises its error here
-            outcome = "done"
-        else:
-            outcome = "disconnect" if watcher in done else "timeout"
     finally:
-        watcher.cancel()
+        timer.cancel()
+        watching.cancel()
+        if watcher is not None:
+            watcher.cancel()
         if not answer.done():
             client.cancel(request_id, outcome)
     return outcome
@@ -259,8 +332,8 @@ def _timed_out(seconds: float) -> UnavailableError:
     )
 
 
-def _ms(seconds: float) -> str:
-    return str(round(seconds * 1000))
+def _ms(seconds: float) -> bytes:
+    return b"%d" % round(seconds * 1000)
 
 
 def _reject_constant(name: str) -> float:
