@@ -343,7 +343,13 @@ def test_cli_push_ls_show_classify_rm(srv, adapters, capsys, monkeypatch):
     code, out, _ = cli(capsys, "adapters", "ls", "--json")
     assert code == 0 and "cli-sent" in [a["adapter_id"] for a in json.loads(out)["adapters"]]
     code, out, _ = cli(capsys, "adapters", "show", "cli-sent", "--json")
-    assert code == 0 and json.loads(out)["version"] == pushed["version"]
+    shown = json.loads(out)
+    assert code == 0 and shown["version"] == pushed["version"]
+    assert shown["task_type"] == "SEQ_CLS" and shown["routes"] == ["/classify", "/predict"]
+    code, out, _ = cli(capsys, "adapters", "show", "cli-sent")  # the task and its routes, as ls prints them
+    header, *rows = out.splitlines()
+    assert code == 0 and header.split()[:5] == ["ID", "VERSION", "TASK", "ROUTE", "LABELS"]
+    assert [line.split()[:5] for line in rows] == [row]
 
     code, out, _ = cli(capsys, "classify", "cli-sent", *TEXTS[:2])
     lines = out.splitlines()

@@ -28,6 +28,8 @@ def srv(tmp_path_factory):
         "emb": save_task_adapter(root / "emb", "FEATURE_EXTRACTION", seed=4),
         "sent": save_task_adapter(root / "sent", "SEQ_CLS", num_labels=3, seed=6),
         "cross": save_task_adapter(root / "cross", "SEQ_CLS", num_labels=1, seed=5),
+        "ner": save_task_adapter(root / "ner", "TOKEN_CLS", num_labels=3, seed=7),
+        "qa": save_task_adapter(root / "qa", "QUESTION_ANS", num_labels=2, seed=8),
     }
     preload = [arg for name, path in adapters.items() for arg in ("--preload", f"{name}={path}")]
     server = LiveServer(
@@ -84,12 +86,13 @@ def test_sdk_float_format_and_the_base_model(srv, sdk):
 
 def test_sdk_models_list_the_base_and_every_adapter_with_its_task(sdk):
     models = {m.id: m for m in sdk.models.list()}
-    assert set(models) == {BASE, "emb", "sent", "cross"}
+    assert set(models) == {BASE, "emb", "sent", "cross", "ner", "qa"}
     tasks = {name: (m.model_extra["task_type"], m.model_extra["routes"]) for name, m in models.items()}
     assert tasks[BASE] == ("FEATURE_EXTRACTION", ["/embed", "/v1/embeddings"])
     assert tasks["emb"] == ("FEATURE_EXTRACTION", ["/embed", "/v1/embeddings"])
     assert tasks["sent"] == ("SEQ_CLS", ["/classify", "/predict"])
     assert tasks["cross"] == ("SEQ_CLS", ["/classify", "/predict", "/rerank"])
+    assert tasks["ner"] == ("TOKEN_CLS", ["/tokens"]) and tasks["qa"] == ("QUESTION_ANS", ["/answer"])
     assert all(m.object == "model" and m.created > 0 for m in models.values())
     assert sdk.models.retrieve("sent").model_extra["task_type"] == "SEQ_CLS"
 
@@ -186,6 +189,10 @@ def test_tokenize_and_info(srv):
     assert all(text[t["start"] : t["stop"]] == t["text"] for t in words)
     bare = post(srv, "/tokenize", {"inputs": [text, "ok"], "add_special_tokens": False}).json()
     assert [t["id"] for t in bare[0]] == want["input_ids"][1:-1] and len(bare) == 2
+    # TEI's prompt_name: no prompts are configured, so null (as TEI's clients send it) and nothing else
+    assert post(srv, "/tokenize", {"inputs": text, "prompt_name": None}).json() == tokens
+    prompt = post(srv, "/tokenize", {"inputs": text, "prompt_name": "query"})
+    assert prompt.status_code == 422 and "no prompts configured" in prompt.json()["error"], prompt.text
     info = httpx.get(srv.url + "/info", headers=AUTH, timeout=60).json()
     assert info["model_id"] == BASE and info["max_input_length"] == 512
     assert info["model_type"] == {"embedding": {"pooling": "mean"}} and info["model_dtype"] == "float32"
@@ -204,6 +211,12 @@ def test_embed_and_rerank_take_tei_fields(srv):
     assert prompt.status_code == 422 and "prompt_name" in prompt.json()["error"]
     short = post(srv, "/embed", {"inputs": "hi", "dimensions": 8})
     assert short.status_code == 422 and "384 dimensions" in short.json()["error"]
+    for ids in ([101, 7592, 102], [[101, 7592, 102]]):  # TEI takes token ids too; texts only here
+        refused = post(srv, "/embed", {"inputs": ids})
+        assert refused.status_code == 422 and "must be a string" in refused.json()["error"], refused.text
+    cut = post(srv, "/rerank", {"adapter_id": "cross", "query": "cancel", "texts": [long, "end"]})
+    truncated = {r["index"]: r["truncated"] for r in cut.json()["results"]}
+    assert cut.status_code == 200 and truncated == {0: True, 1: False}  # cut by default; TEI's: refused
     tei = {"query": "cancel", "texts": TEXTS, "raw_scores": True, "return_text": True, "truncate": True,
            "truncation_direction": "Right"}  # fmt: skip
     reranked = post(srv, "/rerank", {**tei, "adapter_id": "cross"})
@@ -227,15 +240,41 @@ def test_adapter_named_by_body_header_or_model(srv):
     # `model` naming the base model names no adapter: the header's runs on it
     on_base = post(srv, "/v1/embeddings", {"model": BASE, "input": "hi"}, {"X-Adapter-Id": "emb"})
     assert on_base.status_code == 200 and on_base.json()["adapter_id"] == "emb"
-    conflicts = [
-        ("/embed", {"adapter_id": "emb", "inputs": "hi"}, {"X-Adapter-Id": "other"}),
-        ("/classify", {"adapter_id": "sent", "inputs": "hi"}, {"X-Adapter-Id": "cross"}),
-        ("/v1/embeddings", {"model": "sent", "input": "hi"}, {"X-Adapter-Id": "emb"}),
-    ]
-    for route, body, headers in conflicts:
-        answer = post(srv, route, body, headers)
-        assert answer.status_code == 422, (route, answer.text)
-        assert "send one adapter" in answer.text, answer.text
+    conflict = post(srv, "/v1/embeddings", {"model": "sent", "input": "hi"}, {"X-Adapter-Id": "emb"})
+    assert conflict.status_code == 422 and "send one adapter" in conflict.text, conflict.text
+
+
+# route -> (the adapter it is asked for, a body that does not name it)
+UNNAMED = {
+    "/classify": ("sent", {"inputs": [TEXTS[0], ["how do I cancel", TEXTS[2]]]}),
+    "/predict": ("sent", {"inputs": [[TEXTS[0]], ["how do I cancel", TEXTS[2]]]}),
+    "/rerank": ("cross", {"query": "cancel", "texts": TEXTS, "return_text": True}),
+    "/tokens": ("ner", {"inputs": TEXTS, "aggregation": "none"}),
+    "/answer": ("qa", {"question": "What was quick?", "context": TEXTS[0], "top_k": 2}),
+    "/embed": ("emb", {"inputs": TEXTS}),
+}
+
+
+@pytest.mark.parametrize("route", UNNAMED)
+def test_the_header_alone_names_the_adapter_as_the_body_does(srv, route):
+    adapter_id, body = UNNAMED[route]
+    by_body = post(srv, route, {"adapter_id": adapter_id, **body})
+    by_header = post(srv, route, body, {"X-Adapter-Id": adapter_id})
+    assert by_body.status_code == 200 and by_header.status_code == 200, (by_body.text, by_header.text)
+    assert by_header.json() == by_body.json()
+    # /predict answers in TEI's bare shape, with the adapter in headers; the others name it in the body
+    named = by_header.headers["x-adapter-id"] if route == "/predict" else by_header.json()["adapter_id"]
+    assert named == adapter_id
+    other = "cross" if adapter_id == "sent" else "sent"
+    conflict = post(srv, route, {"adapter_id": adapter_id, **body}, {"X-Adapter-Id": other})
+    assert conflict.status_code == 422 and "send one adapter" in conflict.json()["error"], conflict.text
+    unnamed = post(srv, route, body)
+    if route == "/embed":  # the one route that serves the base model itself
+        assert unnamed.status_code == 200 and unnamed.json()["adapter_id"] is None, unnamed.text
+    else:
+        error = unnamed.json()
+        assert unnamed.status_code == 422 and error["error_type"] == "validation", unnamed.text
+        assert "adapter_id is required" in error["error"] and "X-Adapter-Id header" in error["error"]
 
 
 # ---- logs ----

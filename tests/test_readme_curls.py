@@ -39,7 +39,7 @@ def quick_start_serve(text: str) -> list[str]:
 
 
 def examples(text: str) -> list[tuple[str, str, str]]:
-    """(curl command, what follows it: a ```json block or a `→` line, its kind) for every POST curl."""
+    """(curl command, what follows it: a ```json block or a `→` line, its kind) for every curl."""
     found = []
     pattern = r"^ {4}(curl -s localhost:8000/.*?)(?<!\\)\n\n(```json\n(.*?)\n```|→ (.*?)\n)"
     for match in re.finditer(pattern, text, flags=re.S | re.M):
@@ -77,16 +77,27 @@ def mismatch(want, got, where: str = "$") -> str | None:
     return None if want == got and type(want) is type(got) else f"{where}: {got!r}, printed {want!r}"
 
 
+def named_adapter(command: str) -> str | None:
+    """The adapter a README request names: `adapter_id` in its body, else its X-Adapter-Id header."""
+    words = shlex.split(command)
+    body = json.loads(words[words.index("-d") + 1]) if "-d" in words else {}
+    headers = [words[i + 1] for i, word in enumerate(words) if word == "-H"]
+    routed = [h.split(":", 1)[1].strip() for h in headers if h.lower().startswith("x-adapter-id:")]
+    return body.get("adapter_id") or next(iter(routed), None)
+
+
 def test_the_readme_has_a_request_for_every_route_and_demo_adapter():
     text = readme()
     commands = [command for command, _, _ in examples(text)]
-    routes = {re.search(r"localhost:8000(/\S+)", c).group(1) for c in commands}
-    assert {"/classify", "/tokens", "/answer", "/rerank", "/embed"} <= routes, routes
+    routes = {command: re.search(r"localhost:8000(/\S+)", command).group(1) for command in commands}
+    needing = {"/classify", "/tokens", "/answer", "/rerank", "/predict"}  # an adapter; /embed: or the base
+    assert needing | {"/embed", "/tokenize", "/info", "/v1/models"} <= set(routes.values()), routes
     preloaded = {arg.split("=", 1)[0] for arg in quick_start_serve(text) if "=" in arg}
     demos = {path.name for path in (REPO / "adapters" / "demo").iterdir() if path.is_dir()}
     assert preloaded == demos, (preloaded, demos)  # the quick start serves every demo adapter
-    named = {json.loads(shlex.split(c)[shlex.split(c).index("-d") + 1]).get("adapter_id") for c in commands}
-    assert named <= preloaded, named - preloaded  # no example names an adapter that nothing provides
+    named = {command: named_adapter(command) for command in routes}
+    assert all(named[command] for command, route in routes.items() if route in needing), named
+    assert set(named.values()) - {None} <= preloaded, named  # no example names an adapter nothing provides
 
 
 def test_matching_is_strict():

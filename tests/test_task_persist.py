@@ -62,8 +62,15 @@ def test_every_task_is_listed_and_served_after_a_restart(folders, tmp_path, caps
             n: (task, routes) for n, (task, _, routes) in TASKS.items()
         }
         assert adapters["emb"]["labels"] == [] and adapters["emb"]["num_labels"] == 0
-        shown = httpx.get(f"{first.url}/adapters/emb", timeout=60)
-        assert shown.status_code == 200 and shown.json()["task_type"] == "FEATURE_EXTRACTION"
+        for name, (task, _, routes) in TASKS.items():
+            shown = httpx.get(f"{first.url}/adapters/{name}", timeout=60)
+            assert shown.status_code == 200, shown.text
+            assert (shown.json()["task_type"], shown.json()["routes"]) == (task, routes)
+            # `loraplex adapters show` prints the same task and routes, one row as `ls` does
+            assert cli.main(["adapters", "show", name, "--url", first.url]) in (0, None)
+            header, *rows = capsys.readouterr().out.splitlines()
+            assert header.split()[:4] == ["ID", "VERSION", "TASK", "ROUTE"]
+            assert [line.split()[2:4] for line in rows] == [[task, ",".join(routes)]]
         assert cli.main(["adapters", "ls", "--url", first.url]) in (0, None)
         table = capsys.readouterr().out.splitlines()
         assert table[0].split()[:4] == ["ID", "VERSION", "TASK", "ROUTE"]

@@ -32,6 +32,9 @@ COMMON = ["--batch-size", "8", "--max-length", "32", "--learning-rate", "3e-3", 
 # ----------------------------------------------------------------------------- tiny learnable data sets
 
 
+GRADES = [0.0, 0.3, 0.7, 1.0]  # graded relevance: none, one, two or all three words of the query's topic
+
+
 def rerank_data(root: Path) -> Path:
     """A query names a topic; a text is relevant (1) when it holds a word of that topic, else 0."""
     rng = random.Random(8)
@@ -42,6 +45,20 @@ def rerank_data(root: Path) -> Path:
         text = f"the {rng.choice(TOPICS[topic])} {rng.choice(WORDS)}"
         rows.append({"query": query, "passage": text, "relevance": int(topic == query)})
     return write_jsonl(root / "rerank.jsonl", rows)
+
+
+def graded_rerank_data(root: Path) -> Path:
+    """A query names a topic; a text of three words is as relevant as the number of them of that topic
+    says (GRADES): relevances between 0 and 1, not only the two ends."""
+    rng = random.Random(10)
+    rows = []
+    for _ in range(ROWS):
+        query = rng.choice(list(TOPICS))
+        count = rng.randrange(len(GRADES))
+        words = [rng.choice(TOPICS[query]) for _ in range(count)] + rng.sample(WORDS, 3 - count)
+        rng.shuffle(words)
+        rows.append({"text": query, "text_pair": " ".join(words), "label": GRADES[count]})
+    return write_jsonl(root / "graded.jsonl", rows)
 
 
 def embed_data(root: Path) -> Path:
@@ -75,6 +92,7 @@ ADAPTERS = {
         ["--task", "rerank", "--text-column", "query", "--text-pair-column", "passage",
          "--label-column", "relevance", "--max-steps", "120"],
     ),
+    "graded-rerank": (graded_rerank_data, ["--task", "rerank", "--max-steps", "60"]),
     "embed": (embed_data, ["--task", "embed", "--max-steps", "40"]),
     "pair-regression": (
         pair_score_data,
@@ -141,6 +159,24 @@ def test_rerank_learns_a_cross_encoder_that_rerank_serves_as_peft_does(trained, 
     assert {r["index"] for r in results[:2]} == {1, 3}  # the two food texts first: what the data taught
 
 
+def test_rerank_learns_graded_relevance(trained, srv):
+    adapter = trained["graded-rerank"]
+    metrics = report(adapter)
+    validation = metrics["validation"]
+    assert metrics["task"] == "rerank" and metrics["weak"] == []
+    assert validation["mse"] < validation["mean_baseline"]["mse"] / 2, validation
+
+    texts = ["soup stone river", "river bread rice", "table pencil music", "rice soup bread"]  # 1, 2, 0, 3
+    body = {"adapter_id": "graded-rerank", "query": "food", "texts": texts}
+    results = post(srv, "/rerank", body)["results"]
+    assert [r["index"] for r in results] == [3, 1, 0, 2]  # more of the topic, more relevant
+    batch = tokenizer()(["food"] * len(texts), texts, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        want = torch.sigmoid(peft_model(adapter, "SEQ_CLS")(**batch).logits[:, 0])
+    got = torch.tensor([r["score"] for r in sorted(results, key=lambda r: r["index"])])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
 # ------------------------------------------------------------------------------------------------- embed
 
 
@@ -192,6 +228,54 @@ def test_regression_of_pairs_reads_both_texts_and_classify_serves_it_as_peft_doe
         want = peft_model(adapter, "SEQ_CLS")(**batch).logits[:, 0]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     assert all(abs(s - t) < 0.6 for s, t in zip(got.tolist(), [2, 0, 1], strict=True)), got
+
+
+# ---------------------------------------------------------------------------------------------- weak results
+
+
+def nothing_to_learn(task: str, root: Path) -> Path:
+    """Rows from which no adapter can do better than the task's trivial baseline: every rerank and
+    regression row has the same texts (whatever the adapter answers, it answers it for every row), and
+    every embed row pairs a text with itself (the base model already finds each pair's partner first)."""
+    rows = []
+    for i in range(16):
+        if task == "rerank":
+            rows.append({"text": "food", "text_pair": "the river stone", "label": int(i % 4 == 0)})
+        elif task == "regression":
+            rows.append({"text": "the river was okay", "label": 1.0 if i % 2 else 3.0})
+        else:
+            text = f"{WORDS[i % len(WORDS)]} and {PARTNERS[i % len(PARTNERS)]} {i}"
+            rows.append({"text": text, "text_pair": text})
+    return write_jsonl(root / f"{task}-nothing.jsonl", rows)
+
+
+# task -> what its weak result is said to be no better than
+WEAK = {
+    "rerank": "no better than always answering the training mean relevance 0.25",
+    "regression": "no better than always answering the training mean 2 ",
+    "embed": "no better than the base model's own embeddings (1.0000, top-1 1.0000)",
+}
+
+
+@pytest.mark.parametrize("task", WEAK)
+def test_a_weak_result_exits_3_naming_the_reason_and_writes_nothing_unless_allowed(task, tmp_path, capsys):
+    reason = WEAK[task]
+    data = nothing_to_learn(task, tmp_path)
+    out = tmp_path / "weak"
+    # validated on its own rows: the training mean is the validation rows' mean, the best constant answer
+    options = [str(data), "-o", str(out), "--task", task, "--validation-file", str(data), "--max-steps", "1",
+               "--batch-size", "8", "--max-length", "16"]  # fmt: skip
+    assert main(options) == 3
+    err = capsys.readouterr().err
+    assert "warning: a weak result" in err and reason in err and "--allow-weak" in err, err
+    assert f"nothing written to {out}" in err
+    assert not out.exists() or not any(out.iterdir()), "nothing is written without --allow-weak"
+
+    assert main([*options, "--allow-weak"]) == 0
+    assert "adapter written to" in capsys.readouterr().out
+    written = report(out)
+    assert written["task"] == task and any(reason in weak for weak in written["weak"]), written["weak"]
+    assert (out / "adapter_model.safetensors").is_file()
 
 
 # -------------------------------------------------------------------------------------- bad data, --model

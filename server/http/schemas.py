@@ -55,13 +55,40 @@ def _whole(value: object) -> object:
 Count = Annotated[int, Field(ge=1), BeforeValidator(_whole)]  # a positive whole number
 
 
+def _no_prompt(value: object) -> object:
+    if value is not None:
+        raise ValueError("is not supported: this server has no prompts configured; leave it out")
+    return value
+
+
+# TEI's `prompt_name` (/embed, /tokenize) names a prompt of the model's sentence-transformers config; none
+# is configured here, so it may only be null.
+PromptName = Annotated[None, BeforeValidator(_no_prompt)]
+PROMPT_NAME = "TEI's field; no prompts are configured, so only null"
+
+# The adapter of a route that needs one. The document asks for it in the body, which a schema can check; a
+# body without it is served too when the X-Adapter-Id header names the adapter (`required_adapter`).
+NamedAdapter = Annotated[str | None, WithJsonSchema(ADAPTER_ID_SCHEMA)]
+
+
+def adapter_field(what: str) -> Any:
+    """The `adapter_id` field of a NamedAdapter: documented as `what`, or the header; no default shown (a
+    null one would contradict the schema's string)."""
+    return Field(
+        None,
+        max_length=64,
+        description=f"{what}; or leave it out and name it in the X-Adapter-Id header",
+        json_schema_extra=lambda schema: schema.pop("default", None),
+    )
+
+
 class ClassifyRequest(BaseModel):
     # strict: `"inputs": 5` or `"truncate": "yes"` is a client error, not something to coerce.
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    adapter_id: Annotated[str, WithJsonSchema(ADAPTER_ID_SCHEMA)] = Field(
-        max_length=64, description="the adapter (task) to classify with"
+    model_config = ConfigDict(
+        extra="forbid", strict=True, json_schema_extra={"required": ["adapter_id", "inputs"]}
     )
+
+    adapter_id: NamedAdapter = adapter_field("the adapter (task) to classify with")
     inputs: Annotated[Any, WithJsonSchema(PAIR_INPUTS_SCHEMA)]
     truncate: bool = Field(True, description="cut texts longer than the model maximum; false: 422 instead")
     truncation_direction: Direction = Field("right", description="the side a long input is cut on")
@@ -111,22 +138,15 @@ class EmbedRequest(TextsRequest):
     dimensions: Count | None = Field(
         None, description="the model's own dimension only (vectors are never cut); other values: 422"
     )
-    prompt_name: None = Field(None, description="TEI's field; no prompts are configured, so only null")
-
-    @field_validator("prompt_name", mode="before")
-    @classmethod
-    def _no_prompt(cls, value: object) -> object:
-        if value is not None:
-            raise ValueError("is not supported: this server has no prompts configured; leave it out")
-        return value
+    prompt_name: PromptName = Field(None, description=PROMPT_NAME)
 
 
 class TokensRequest(TextsRequest):
     """/tokens: entities per text, as Hugging Face's token-classification pipeline reports them."""
 
-    adapter_id: Annotated[str, WithJsonSchema(ADAPTER_ID_SCHEMA)] = Field(
-        max_length=64, description="the token-classification (TOKEN_CLS) adapter"
-    )
+    model_config = ConfigDict(json_schema_extra={"required": ["adapter_id", "inputs"]})
+
+    adapter_id: NamedAdapter = adapter_field("the token-classification (TOKEN_CLS) adapter")
     aggregation: Literal["none", "simple", "first", "average", "max"] = Field(
         "simple",
         description="how tokens become entities, as the token-classification pipeline does (default "
@@ -160,9 +180,11 @@ class OpenAIEmbeddingsRequest(BaseModel):
 
 
 class RerankRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(
+        extra="forbid", strict=True, json_schema_extra={"required": ["adapter_id", "query", "texts"]}
+    )
 
-    adapter_id: Annotated[str, WithJsonSchema(ADAPTER_ID_SCHEMA)] = Field(max_length=64)
+    adapter_id: NamedAdapter = adapter_field("the cross-encoder (a one-output SEQ_CLS adapter)")
     query: Annotated[str, WithJsonSchema(TEXT_SCHEMA)]
     texts: Annotated[list[str], WithJsonSchema({"type": "array", "items": TEXT_SCHEMA, "minItems": 1})]
     top_n: Count | None = Field(None, description="only the n best texts")
@@ -207,19 +229,18 @@ class AnswerRequest(BaseModel):
         extra="forbid",
         strict=True,
         json_schema_extra={
+            "required": ["adapter_id"],
             "anyOf": [
                 {
                     "required": ["inputs"],
                     "not": {"anyOf": [{"required": ["question"]}, {"required": ["context"]}]},
                 },
                 {"required": ["question", "context"], "not": {"required": ["inputs"]}},
-            ]
+            ],
         },
     )
 
-    adapter_id: Annotated[str, WithJsonSchema(ADAPTER_ID_SCHEMA)] = Field(
-        max_length=64, description="a QUESTION_ANS adapter"
-    )
+    adapter_id: NamedAdapter = adapter_field("a QUESTION_ANS adapter")
     inputs: Annotated[Any, WithJsonSchema(QA_INPUTS_SCHEMA)] = None
     question: Annotated[str | None, WithJsonSchema(TEXT_SCHEMA)] = Field(
         None, description="one question, with `context` (instead of `inputs`)"

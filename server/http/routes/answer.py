@@ -12,7 +12,15 @@ from loraplex.adapters.errors import InvalidInputError
 from loraplex.http.auth import ApiKeyAuth
 from loraplex.http.postprocess import check_finite
 from loraplex.http.qa import answers, windows
-from loraplex.http.routes.inference import body_schema, check_batch, infer, parse_body, read_body, respond
+from loraplex.http.routes.inference import (
+    body_schema,
+    check_batch,
+    infer,
+    parse_body,
+    read_body,
+    required_adapter,
+    respond,
+)
 from loraplex.http.schemas import ERROR_RESPONSES, AnswerRequest, AnswerResponse
 
 router = APIRouter(tags=["inference"])
@@ -25,10 +33,12 @@ router = APIRouter(tags=["inference"])
     openapi_extra=body_schema(AnswerRequest),
 )
 async def answer(request: Request, _auth: ApiKeyAuth) -> Response:
-    """Up to top_k spans of each context that answer its question, best first; results in input order."""
+    """Up to top_k spans of each context that answer its question, best first; results in input order.
+    The adapter: `adapter_id`, or the X-Adapter-Id header."""
     body = parse_body(await read_body(request), request.headers.get("content-type"), AnswerRequest)
     pairs = body.pairs()
-    check_batch(request, len(pairs), body.adapter_id, "questions")
+    chosen = check_batch(request, len(pairs), body.adapter_id, "questions")
+    adapter_id = required_adapter(chosen, "/answer", "an extractive question-answering (QUESTION_ANS)")
     base = request.app.state.base
     limit = base.max_length
 
@@ -48,7 +58,7 @@ async def answer(request: Request, _auth: ApiKeyAuth) -> Response:
             max_rows=request.app.state.settings.max_client_batch,
         )
 
-    run = await infer(request, body.adapter_id, "/answer", tokenize)
+    run = await infer(request, adapter_id, "/answer", tokenize)
     if run.early is not None:
         return run.early
     for logits in run.outputs:

@@ -13,6 +13,7 @@ from loraplex.http.routes.inference import (
     infer,
     parse_body,
     read_body,
+    required_adapter,
     respond,
     tokenizing,
 )
@@ -28,12 +29,14 @@ router = APIRouter(tags=["inference"])
     openapi_extra=body_schema(ClassifyRequest),
 )
 async def classify(request: Request, _auth: ApiKeyAuth) -> Response:
-    """Classify one text (or pair) or a batch with one adapter; results in input order."""
+    """Classify one text (or pair) or a batch with one adapter (`adapter_id`, or the X-Adapter-Id header);
+    results in input order."""
     body = parse_body(await read_body(request), request.headers.get("content-type"), ClassifyRequest)
     texts = body.texts()
-    check_batch(request, len(texts), body.adapter_id)
+    chosen = check_batch(request, len(texts), body.adapter_id)
+    adapter_id = required_adapter(chosen, "/classify", "a sequence-classification (SEQ_CLS)")
     tokenize = tokenizing(request, texts, body.truncate, body.truncation_direction)
-    run = await infer(request, body.adapter_id, "/classify", tokenize, top_k=body.top_k)
+    run = await infer(request, adapter_id, "/classify", tokenize, top_k=body.top_k)
     if run.early is not None:
         return run.early
     results = classification(

@@ -13,6 +13,7 @@ from loraplex.http.routes.inference import (
     infer,
     parse_body,
     read_body,
+    required_adapter,
     respond,
     tokenizing,
 )
@@ -23,12 +24,14 @@ router = APIRouter(tags=["inference"])
 
 @router.post("/rerank", responses=ERROR_RESPONSES, openapi_extra=body_schema(RerankRequest))
 async def rerank(request: Request, _auth: ApiKeyAuth) -> Response:
-    """The texts by relevance to the query, best first: sigmoid of the cross-encoder's logit."""
+    """The texts by relevance to the query, best first: sigmoid of the logit of the cross-encoder named
+    by `adapter_id` or the X-Adapter-Id header."""
     body = parse_body(await read_body(request), request.headers.get("content-type"), RerankRequest)
-    check_batch(request, len(body.texts), body.adapter_id)
+    chosen = check_batch(request, len(body.texts), body.adapter_id)
+    adapter_id = required_adapter(chosen, "/rerank", "a cross-encoder (a one-output SEQ_CLS)")
     pairs = [(body.query, text) for text in body.texts]
     tokenize = tokenizing(request, pairs, body.truncate, body.truncation_direction)
-    run = await infer(request, body.adapter_id, "/rerank", tokenize)
+    run = await infer(request, adapter_id, "/rerank", tokenize)
     if run.early is not None:
         return run.early
     logits = np.stack(run.outputs)[:, 0]  # [texts]

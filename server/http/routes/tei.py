@@ -11,7 +11,6 @@ import orjson
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
-from loraplex.adapters.errors import InvalidInputError
 from loraplex.console import version
 from loraplex.http.auth import ApiKeyAuth
 from loraplex.http.postprocess import classification
@@ -22,15 +21,19 @@ from loraplex.http.routes.inference import (
     infer,
     parse_body,
     read_body,
+    required_adapter,
     respond,
     tokenizing,
 )
 from loraplex.http.schemas import (
-    ADAPTER_ID_SCHEMA,
     ERROR_RESPONSES,
     INPUTS_SCHEMA,
+    PROMPT_NAME,
     TEXT_SCHEMA,
     Direction,
+    NamedAdapter,
+    PromptName,
+    adapter_field,
     check_inputs,
     texts_of,
 )
@@ -50,15 +53,12 @@ PREDICT_INPUTS_SCHEMA = {
 
 
 class PredictRequest(BaseModel):
-    # The document asks for adapter_id, which a schema can check; a body without it is served too when
-    # the X-Adapter-Id header names the adapter (TEI's clients name no model in the body).
+    # TEI's clients name no model in the body: theirs names the adapter in the X-Adapter-Id header.
     model_config = ConfigDict(
         extra="forbid", strict=True, json_schema_extra={"required": ["adapter_id", "inputs"]}
     )
 
-    adapter_id: Annotated[str | None, WithJsonSchema(ADAPTER_ID_SCHEMA)] = Field(
-        None, max_length=64, description="the SEQ_CLS adapter; or leave it out and name it in X-Adapter-Id"
-    )
+    adapter_id: NamedAdapter = adapter_field("the sequence-classification (SEQ_CLS) adapter")
     inputs: Annotated[Any, WithJsonSchema(PREDICT_INPUTS_SCHEMA)]
     truncate: bool = Field(True, description="cut texts longer than the model maximum; false: 422 instead")
     truncation_direction: Direction = Field("right", description="the side a long input is cut on")
@@ -100,12 +100,8 @@ async def predict(request: Request, _auth: ApiKeyAuth) -> Response:
     one list, a batch a list per input. The adapter and its version come back in headers."""
     body = parse_body(await read_body(request), request.headers.get("content-type"), PredictRequest)
     texts, batched = body.batch()
-    adapter_id = check_batch(request, len(texts), body.adapter_id)
-    if adapter_id is None:
-        raise InvalidInputError(
-            "/predict needs a sequence-classification adapter: name it in the X-Adapter-Id header or as "
-            "adapter_id in the body."
-        )
+    chosen = check_batch(request, len(texts), body.adapter_id)
+    adapter_id = required_adapter(chosen, "/predict", "a sequence-classification (SEQ_CLS)")
     tokenize = tokenizing(request, texts, body.truncate, body.truncation_direction)
     run = await infer(request, adapter_id, "/predict", tokenize)
     if run.early is not None:
@@ -126,6 +122,7 @@ class TokenizeRequest(BaseModel):
 
     inputs: Annotated[str | list[str], WithJsonSchema(INPUTS_SCHEMA)]
     add_special_tokens: bool = Field(True, description="include the tokenizer's [CLS], [SEP], ...")
+    prompt_name: PromptName = Field(None, description=PROMPT_NAME)
 
     @field_validator("inputs", mode="before")
     @classmethod

@@ -14,6 +14,7 @@ from loraplex.http.routes.inference import (
     infer,
     parse_body,
     read_body,
+    required_adapter,
     respond,
     tokenizing,
 )
@@ -30,10 +31,12 @@ router = APIRouter(tags=["inference"])
 )
 async def tokens(request: Request, _auth: ApiKeyAuth) -> Response:
     """Named entities (or one label per token with aggregation "none") per text, as Hugging Face's
-    token-classification pipeline reports them; `start`/`end` are character offsets in the text."""
+    token-classification pipeline reports them; `start`/`end` are character offsets in the text. The
+    adapter: `adapter_id`, or the X-Adapter-Id header."""
     body = parse_body(await read_body(request), request.headers.get("content-type"), TokensRequest)
     texts = body.texts()
-    check_batch(request, len(texts), body.adapter_id)
+    chosen = check_batch(request, len(texts), body.adapter_id)
+    adapter_id = required_adapter(chosen, "/tokens", "a token-classification (TOKEN_CLS)")
     base = request.app.state.base
     check_aggregation(body.aggregation, base.tokenizer)
     pieces = []
@@ -46,7 +49,7 @@ async def tokens(request: Request, _auth: ApiKeyAuth) -> Response:
         pieces.extend(token_pieces(base.tokenizer, texts, base.max_length, side))
         return rows
 
-    run = await infer(request, body.adapter_id, "/tokens", tokenize)
+    run = await infer(request, adapter_id, "/tokens", tokenize)
     if run.early is not None:
         return run.early
     results = []
