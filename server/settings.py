@@ -59,7 +59,8 @@ class Settings(BaseSettings):
         None,
         ge=1,
         le=1024,
-        description="CPU threads of the engine process's matmuls (default: torch's own, every core)",
+        description="CPU threads of the engine process's matmuls (default: torch's own, every core; a "
+        "pass too small to split runs on one)",
     )
     max_resident: int = Field(16, ge=1, description="engine slots: adapters resident for one forward pass")
     max_host_cache: int = Field(256, ge=1, description="adapters kept parsed in host memory")

@@ -55,7 +55,7 @@ WARMUP_TOKENS = 512
 CPU_GROUP_COST_TOKENS_AT_384 = 64
 # On the CPU a forward pass of fewer frozen-matmul FLOPs than this runs on one thread: its ops are too
 # small to split, and a second thread that took part would spin after each op and stall the workers that
-# share its core. (MiniLM's smallest pass, one 8-token row, is about 170 MFLOP and stays parallel.)
+# share its core. (MiniLM's smallest pass, an empty text's two tokens, is 43 MFLOP and stays parallel.)
 CPU_SMALL_PASS_FLOPS = 32e6
 
 
