@@ -10,13 +10,16 @@ engines on LORAPLEX_TEST_DEVICE.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import httpx
+import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModel, PretrainedConfig
 
+from loraplex.adapters.errors import InvalidAdapterError
 from loraplex.adapters.peft import AdapterWeights, parse_adapter
 from loraplex.engine.core import Engine
 from tests.device_support import DEVICE, TOLERANCE
@@ -77,6 +80,27 @@ def check_mixed_batch(model_dir: Path, adapter_dirs: list[Path], group_tokens: l
     assert any(
         (expected[0] - e).abs().max() > 1e-3 for e in expected[1:] if e.shape == expected[0].shape
     ) or (len({e.shape for e in expected}) > 1)
+
+
+def check_saved_modules_by_shape(model_dir: Path, adapter_dirs: list[Path]) -> None:
+    """Every tensor that an adapter saves whole (modules_to_save: the head's layers, a pooler, a norm) is
+    checked against the base's own module by its shape: given one more element on its last axis, each is
+    refused by name, and the adapter as saved is accepted."""
+    engine = Engine(model_dir, device="cpu", num_slots=1)
+    checked = 0
+    for adapter_dir in adapter_dirs:
+        config = json.loads((adapter_dir / "adapter_config.json").read_text())
+        labels = json.loads((adapter_dir / "labels.json").read_text())
+        tensors = load_file(adapter_dir / "adapter_model.safetensors")
+        parse_adapter(config, tensors, engine.base, labels=labels, max_rank=engine.max_rank)
+        for name, tensor in tensors.items():
+            if "lora_" in name or tensor.dim() == 0:
+                continue
+            wrong = {**tensors, name: torch.zeros(*tensor.shape[:-1], tensor.shape[-1] + 1)}
+            with pytest.raises(InvalidAdapterError, match=re.escape(f"'{name}'")):
+                parse_adapter(config, wrong, engine.base, labels=labels, max_rank=engine.max_rank)
+            checked += 1
+    assert checked, "no adapter here saves a module whole"
 
 
 def check_live_server(model_dir: Path, adapter_dir: Path, store: Path) -> None:

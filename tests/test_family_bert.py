@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 from transformers import BertConfig
 
-from tests.family_support import check_live_server, check_mixed_batch, save_model, tiny_config_kwargs
+from tests.family_support import (
+    check_live_server,
+    check_mixed_batch,
+    check_saved_modules_by_shape,
+    save_model,
+    tiny_config_kwargs,
+)
 from tests.peft_factory import save_peft_adapter
 
 SPECS = [
@@ -47,3 +53,8 @@ def test_mixed_batch_matches_peft(family):
 def test_live_server_matches_peft(family, tmp_path):
     model_dir, adapters = family
     check_live_server(model_dir, adapters[1], tmp_path / "store")
+
+
+def test_saved_modules_are_checked_by_shape(family):
+    model_dir, adapters = family
+    check_saved_modules_by_shape(model_dir, adapters)

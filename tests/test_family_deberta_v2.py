@@ -20,7 +20,13 @@ from loraplex.adapters.errors import InvalidAdapterError
 from loraplex.adapters.peft import parse_adapter
 from loraplex.engine.core import Engine
 from tests.device_support import DEVICE
-from tests.family_support import check_live_server, check_mixed_batch, save_model, tiny_config_kwargs
+from tests.family_support import (
+    check_live_server,
+    check_mixed_batch,
+    check_saved_modules_by_shape,
+    save_model,
+    tiny_config_kwargs,
+)
 from tests.peft_factory import save_peft_adapter
 
 HEAD = ["pooler", "classifier"]  # the whole head, saved by PEFT (modules_to_save)
@@ -120,3 +126,8 @@ def test_adapter_without_pooler_is_rejected(family, tmp_path, targets):
     engine = Engine(model_dir, device=DEVICE, num_slots=1)
     with pytest.raises(InvalidAdapterError, match=r"modules_to_save=\['pooler', 'classifier'\]"):
         parse(adapter, engine)
+
+
+def test_saved_modules_are_checked_by_shape(family):
+    model_dir, adapters = family
+    check_saved_modules_by_shape(model_dir, adapters)

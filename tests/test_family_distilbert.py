@@ -21,6 +21,7 @@ from tests.device_support import DEVICE
 from tests.family_support import (
     check_live_server,
     check_mixed_batch,
+    check_saved_modules_by_shape,
     load_adapter,
     save_model,
     tiny_config_kwargs,
@@ -124,3 +125,8 @@ def test_config_without_targets_uses_q_and_v(family, engine):
     config, tensors = saved(adapters[0])
     adapter = parse_adapter({**config, "target_modules": None}, tensors, engine.base)
     assert adapter.target_modules == tuple(QV)
+
+
+def test_saved_modules_are_checked_by_shape(family):
+    model_dir, adapters = family
+    check_saved_modules_by_shape(model_dir, adapters)

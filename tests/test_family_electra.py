@@ -17,7 +17,13 @@ from loraplex.adapters.errors import InvalidAdapterError
 from loraplex.adapters.peft import parse_adapter
 from loraplex.engine.core import Engine
 from tests.device_support import DEVICE
-from tests.family_support import check_live_server, check_mixed_batch, save_model, tiny_config_kwargs
+from tests.family_support import (
+    check_live_server,
+    check_mixed_batch,
+    check_saved_modules_by_shape,
+    save_model,
+    tiny_config_kwargs,
+)
 from tests.peft_factory import save_peft_adapter
 
 COMMON = [
@@ -132,3 +138,9 @@ def test_projection_adapter_on_a_base_without_projection_is_rejected(family):
     config, tensors = _parts(adapters[2])
     with pytest.raises(InvalidAdapterError, match="embeddings_project"):
         parse_adapter(config, tensors, engine.base)
+
+
+@pytest.mark.parametrize("name", list(SIZES))
+def test_saved_modules_are_checked_by_shape(family, name):
+    model_dir, adapters = family[name]
+    check_saved_modules_by_shape(model_dir, adapters)

@@ -30,6 +30,7 @@ from tests.family_support import (
     TEXTS,
     check_live_server,
     check_mixed_batch,
+    check_saved_modules_by_shape,
     load_adapter,
     save_model,
     tiny_config_kwargs,
@@ -221,3 +222,8 @@ def test_upload_of_a_saved_head_with_its_one_dimensional_norm(mean_family, tmp_p
         broken = save_safetensors({**tensors, norm: bad.contiguous()})
         with pytest.raises(InvalidAdapterError, match=r"head\.norm\.weight' has shape .*expected \[64\]"):
             validate_upload("modern", config_bytes, broken, None, engine.base, **limits)
+
+
+def test_saved_modules_are_checked_by_shape(mean_family):
+    model_dir, adapters = mean_family
+    check_saved_modules_by_shape(model_dir, adapters)

@@ -18,6 +18,7 @@ from tests.device_support import DEVICE, TOLERANCE
 from tests.family_support import (
     check_live_server,
     check_mixed_batch,
+    check_saved_modules_by_shape,
     load_adapter,
     save_model,
     tiny_config_kwargs,
@@ -131,3 +132,8 @@ def test_decoder_configs_are_refused(tmp_path):
     model_dir = save_model(tmp_path / "model", tiny_config(RobertaConfig, is_decoder=True))
     with pytest.raises(ValueError, match="is_decoder"):
         Engine(model_dir, device=DEVICE, num_slots=1)
+
+
+def test_saved_modules_are_checked_by_shape(family):
+    model_dir, adapters = family
+    check_saved_modules_by_shape(model_dir, adapters)
