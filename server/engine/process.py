@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -181,6 +182,7 @@ class _EngineProcess:
         except LoraplexError:
             adapters = "not listed: the store did not answer"
         log.info(start_line(s, engine, adapters))
+        gc.freeze()  # the model and what start-up made live as long as the process: collections skip them
         watching = asyncio.ensure_future(self._watch_workers())
         await self.stopping.wait()
         self.loop.remove_reader(fd)

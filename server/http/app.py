@@ -10,6 +10,7 @@ name, its tokenizer and its longest input).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import time
@@ -157,6 +158,7 @@ async def _start(app: FastAPI) -> None:
     if app.state.phase == "loading":
         app.state.phase = "ready"
         log.info("worker %s ready", client.identity)
+    gc.freeze()  # what start-up made lives as long as the worker: later collections need not scan it
 
 
 def _engine_ended(app: FastAPI, fd: int) -> None:
