@@ -182,6 +182,7 @@ class _EngineProcess:
         except LoraplexError:
             adapters = "not listed: the store did not answer"
         log.info(start_line(s, engine, adapters))
+        gc.collect()  # start-up's garbage first: a frozen object is never collected
         gc.freeze()  # the model and what start-up made live as long as the process: collections skip them
         watching = asyncio.ensure_future(self._watch_workers())
         await self.stopping.wait()

@@ -155,10 +155,11 @@ async def _start(app: FastAPI) -> None:
         info.get("device", ""),
         info.get("dtype", ""),
     )
+    gc.collect()  # start-up's garbage first: a frozen object is never collected
+    gc.freeze()  # what start-up made lives as long as the worker: later collections need not scan it
     if app.state.phase == "loading":
         app.state.phase = "ready"
         log.info("worker %s ready", client.identity)
-    gc.freeze()  # what start-up made lives as long as the worker: later collections need not scan it
 
 
 def _engine_ended(app: FastAPI, fd: int) -> None:
