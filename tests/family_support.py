@@ -52,10 +52,15 @@ def save_model(root: Path, config: PretrainedConfig, *, model_class=AutoModel, s
     return out
 
 
-def load_adapter(path: Path, engine: Engine) -> AdapterWeights:
+def read_adapter(path: Path) -> tuple[dict, list, dict]:
+    """A saved adapter's config, labels and tensors."""
     config = json.loads((path / "adapter_config.json").read_text())
     labels = json.loads((path / "labels.json").read_text())
-    tensors = load_file(path / "adapter_model.safetensors")
+    return config, labels, load_file(path / "adapter_model.safetensors")
+
+
+def load_adapter(path: Path, engine: Engine) -> AdapterWeights:
+    config, labels, tensors = read_adapter(path)
     return parse_adapter(config, tensors, engine.base, labels=labels, max_rank=engine.max_rank)
 
 
@@ -89,9 +94,7 @@ def check_saved_modules_by_shape(model_dir: Path, adapter_dirs: list[Path]) -> N
     engine = Engine(model_dir, device="cpu", num_slots=1)
     checked = 0
     for adapter_dir in adapter_dirs:
-        config = json.loads((adapter_dir / "adapter_config.json").read_text())
-        labels = json.loads((adapter_dir / "labels.json").read_text())
-        tensors = load_file(adapter_dir / "adapter_model.safetensors")
+        config, labels, tensors = read_adapter(adapter_dir)
         parse_adapter(config, tensors, engine.base, labels=labels, max_rank=engine.max_rank)
         for name, tensor in tensors.items():
             if "lora_" in name or tensor.dim() == 0:
