@@ -14,6 +14,11 @@ the answer comes) against, one after another on the same machine:
 The peers are bench/peer_server.py. Per server: requests/s, p50 and p99 latency, the CPU the server's
 process tree used per request, and the CPU the load generator itself used (in cores, since it shares the
 machine), both over the measuring window. `--workers N` is passed to `loraplex serve` only when given.
+
+Then, in the same run and on the same tweets, loraplex's engine alone in 64-row batches (no HTTP, no
+queue; bench/serving.py's engine-only): with the K adapters, and with no adapter at all. The second is
+the most any loraplex server could answer here in that precision, so its ratio to a peer is the ceiling of
+loraplex's: `--engine-reps 0` leaves these out.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import statistics  # noqa: E402
 import tempfile  # noqa: E402
 
 from bench.common import CpuWindow, closed_loop, tweets  # noqa: E402
-from bench.serving import make_adapters  # noqa: E402
+from bench.serving import engine_only, make_adapters  # noqa: E402
 from tests.live_server import LiveServer  # noqa: E402
 
 
@@ -69,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peer-dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument(
         "--workers", type=int, default=None, help="loraplex's --workers (default: not passed)"
+    )
+    parser.add_argument(
+        "--engine-reps", type=int, default=5, help="batches timed for each engine-alone figure; 0: none"
     )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
@@ -114,12 +122,25 @@ def main(argv: list[str] | None = None) -> int:
     ours = results["loraplex"]["requests_per_s"]
     for name in ("peft micro-batching", "peft serial"):
         print(f"  loraplex / {name}: {ours / results[name]['requests_per_s']:.2f}x")
+    if args.engine_reps:
+        alone = {
+            f"engine alone, {args.adapters} adapters": engine_only(
+                folders, texts, 64, args.rank, args.engine_reps, None, args.dtype
+            ),
+            "engine alone, no adapter": engine_only(
+                [], texts, 64, args.rank, args.engine_reps, None, args.dtype
+            ),
+        }
+        peer = results["peft micro-batching"]["requests_per_s"]
+        for name, rows_per_s in alone.items():
+            print(f"  {name:<30} {rows_per_s:7.1f} rows/s  / peft micro-batching: {rows_per_s / peer:.2f}x")
+        results["engine_alone_rows_per_s"] = alone
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(
             json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, **results}, indent=2)
         )
-    return 1 if any(r["failures"] for r in results.values()) else 0
+    return 1 if any(r.get("failures") for r in results.values()) else 0
 
 
 if __name__ == "__main__":

@@ -48,14 +48,15 @@ def make_adapters(root: Path, k: int, rank: int) -> list[Path]:
 def engine_only(
     folders: list[Path], texts: list[str], rows: int, rank: int, reps: int, device: str | None, dtype: str
 ) -> float:
-    """Rows per second of the engine alone on `rows`-row batches, each row for a different adapter."""
+    """Rows per second of the engine alone on `rows`-row batches, each row for a different adapter (no
+    `folders`: every row on the base model, no adapter)."""
     import torch
     from safetensors.torch import load_file
 
     from loraplex.adapters.peft import parse_adapter
     from loraplex.engine.core import Engine
 
-    engine = Engine(device=device, dtype=dtype, num_slots=len(folders), max_rank=rank)
+    engine = Engine(device=device, dtype=dtype, num_slots=max(1, len(folders)), max_rank=rank)
     for slot, folder in enumerate(folders):
         config = json.loads((folder / "adapter_config.json").read_text())
         labels = json.loads((folder / "labels.json").read_text())
@@ -65,7 +66,7 @@ def engine_only(
     batches = [
         (
             [ids[(start + i) % len(ids)] for i in range(rows)],
-            [(start + i) % len(folders) for i in range(rows)],
+            [(start + i) % len(folders) if folders else engine.empty_slot for i in range(rows)],
         )
         for start in range(0, len(ids), rows)
     ]
