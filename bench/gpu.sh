@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # On one CUDA GPU, in one run: the golden tests on CUDA (LORAPLEX_TEST_DEVICE=cuda: every family, every
-# task in one mixed batch, the LoRA op and its fused kernels, and the CUDA-marked tests) with the fused
-# LoRA kernels off and on (LORAPLEX_TRITON_LORA=0/1), then the engine benchmarks (MiniLM and the bert-base
-# shape, bfloat16) with the kernels off and on, then one table of the figures. The serving benchmark (64
-# adapters, 256 and 64 closed-loop clients) runs when SERVING=1.
+# task in one mixed batch, the LoRA op and its fused kernels, the encoder through CUDA graphs, and the
+# CUDA-marked tests) in each mode, then the engine benchmarks (MiniLM and the bert-base shape, bfloat16)
+# and the share of the matmul peak on a 16k-token batch (bench/peak.py, bert-base shape) in each mode,
+# then one table of the figures. The modes: `eager` (torch's ops), `fused` (the fused Triton LoRA kernels,
+# LORAPLEX_TRITON_LORA=1) and `graphs` (the encoder replayed from CUDA graphs, LORAPLEX_CUDA_GRAPHS=1).
+# The serving benchmark (64 adapters, 256 and 64 closed-loop clients) runs when SERVING=1.
 #
 #     bench/gpu.sh                    # REPS=5; tests, then the engine benchmarks
 #     SERVING=1 bench/gpu.sh          # the serving benchmark too; WORKERS=4: loraplex serve --workers 4
 #     DTYPES="float16 bfloat16" bench/gpu.sh   # the engine benchmarks in float16 too
-#     TRITON="0" bench/gpu.sh         # the engine benchmarks without the fused kernels only
+#     MODES="eager graphs" bench/gpu.sh        # leave the fused kernels out
 #
 # The golden tests here leave out those that start a live server (the family tests' check_live_server and
 # the per-task HTTP tests), which would take most of the run; `LORAPLEX_TEST_DEVICE=cuda python -m pytest
@@ -29,7 +31,7 @@ SECONDS_PER_LEVEL=${SECONDS_PER_LEVEL:-10}
 CLIENTS=${CLIENTS:-256,64}
 WORKERS=${WORKERS:-}
 SERVING=${SERVING:-0}
-TRITON=${TRITON:-"0 1"}
+MODES=${MODES:-"eager fused graphs"}
 LIMIT_S=${LIMIT_S:-450}
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 mkdir -p "$OUT"
@@ -73,14 +75,25 @@ step() {
 }
 
 # The golden tests on CUDA, engine-level (no live servers), then the CUDA-marked tests of other files.
-GOLDEN=(tests/test_family_*.py tests/test_task_mixed.py tests/test_engine.py tests/test_lora_ops.py
-    tests/test_lora_batch.py tests/test_lora_triton.py)
+GOLDEN=(tests/test_family_*.py tests/test_task_mixed.py tests/test_engine.py tests/test_engine_graphs.py
+    tests/test_lora_ops.py tests/test_lora_batch.py tests/test_lora_triton.py)
 # The CUDA-marked tests of other files (a `-m cuda` run lists them).
 CUDA_MARKED=(tests/test_serving_processes.py::test_the_server_on_cuda_answers_as_the_engine_on_the_cpu)
+# mode_env MODE: the environment that turns MODE on
+mode_env() {
+    case $1 in
+        eager) echo LORAPLEX_TRITON_LORA=0 LORAPLEX_CUDA_GRAPHS=0 ;;
+        fused) echo LORAPLEX_TRITON_LORA=1 LORAPLEX_CUDA_GRAPHS=0 ;;
+        graphs) echo LORAPLEX_TRITON_LORA=0 LORAPLEX_CUDA_GRAPHS=1 ;;
+        *) echo "unknown mode $1 (eager, fused, graphs)" >&2; exit 1 ;;
+    esac
+}
+for mode in $MODES; do mode_env "$mode" >/dev/null; done  # an unknown mode stops the run here
 tests_rc=0
-for triton in 0 1; do
-    step "cuda-tests-triton-$triton" 150 env LORAPLEX_TEST_DEVICE=cuda LORAPLEX_TRITON_LORA=$triton \
-        python -m pytest -q -p no:cacheprovider -k "not live_server" --junitxml "$OUT/cuda-tests-$triton.xml" \
+for mode in $MODES; do
+    # shellcheck disable=SC2046
+    step "cuda-tests-$mode" 120 env LORAPLEX_TEST_DEVICE=cuda $(mode_env "$mode") \
+        python -m pytest -q -p no:cacheprovider -k "not live_server" --junitxml "$OUT/cuda-tests-$mode.xml" \
         "${GOLDEN[@]}" "${CUDA_MARKED[@]}"
     if ((rc != 0)); then tests_rc=$rc; fi
 done
@@ -96,10 +109,18 @@ done
 
 for dtype in $DTYPES; do
     for model in $MODELS; do
-        for triton in $TRITON; do
-            step "engine-$model-$dtype-triton-$triton" 75 env LORAPLEX_TRITON_LORA=$triton python bench/engine.py \
+        for mode in $MODES; do
+            # shellcheck disable=SC2046
+            step "engine-$model-$dtype-$mode" 60 env $(mode_env "$mode") python bench/engine.py \
                 --device cuda --dtype "$dtype" --model "$model" --ks 1,64 --reps "$REPS" \
-                --json "$OUT/engine-$model-$dtype-triton-$triton.json"
+                --json "$OUT/engine-$model-$dtype-$mode.json"
+        done
+        [[ $model == bert-base ]] || continue
+        for mode in $MODES; do
+            # shellcheck disable=SC2046
+            step "peak-$model-$dtype-$mode" 60 env $(mode_env "$mode") python bench/peak.py \
+                --device cuda --dtype "$dtype" --model "$model" --tokens 16384 --length 128 --ks 0,64 \
+                --reps "$REPS" --json "$OUT/peak-$model-$dtype-$mode.json"
         done
     done
 done
@@ -111,7 +132,7 @@ from pathlib import Path
 
 out = Path(sys.argv[1])
 fmt = lambda v, spec=".1f": "-" if v is None else format(v, spec)
-print("| engine (seq/s) | dtype | fused LoRA | bare | engine, no adapter | engine K=1 | engine K=64 "
+print("| engine (seq/s) | dtype | mode | bare | engine, no adapter | engine K=1 | engine K=64 "
       "| PEFT mixed K=64 | K=64 / no adapter |")
 print("|---|---|---|---|---|---|---|---|---|")
 for path in sorted(out.glob("engine-*.json")):
@@ -120,8 +141,18 @@ for path in sorted(out.glob("engine-*.json")):
     base, ours = s.get("engine, no adapter"), s.get("b: engine K=64")
     cells = [s.get("a: bare model"), base, s.get("b: engine K=1"), ours, s.get("c: peft mixed K=64")]
     ratio = ours / base if ours and base else None
-    fused = "on" if path.stem.endswith("triton-1") else "off"
-    print(f"| {r['model']} | {r['dtype']} | {fused} | " + " | ".join(map(fmt, cells)) + f" | {fmt(ratio, '.2f')} |")
+    mode = path.stem.rsplit("-", 1)[1]
+    print(f"| {r['model']} | {r['dtype']} | {mode} | " + " | ".join(map(fmt, cells)) + f" | {fmt(ratio, '.2f')} |")
+print("\n| 16k-token batch | dtype | mode | pass | seq/s | tokens/s | TFLOP/s | of measured matmul peak "
+      "| of listed peak |")
+print("|---|---|---|---|---|---|---|---|---|")
+for path in sorted(out.glob("peak-*.json")):
+    r = json.loads(path.read_text())
+    mode = path.stem.rsplit("-", 1)[1]
+    for name, v in r["results"].items():
+        listed = "-" if v["of_listed_peak"] is None else f"{v['of_listed_peak']:.1%}"
+        print(f"| {r['model']} | {r['dtype']} | {mode} | {name} | {v['seq_per_s']:.1f} | {v['tokens_per_s']:.0f} "
+              f"| {v['tflop_per_s']:.1f} | {v['of_measured_peak']:.1%} | {listed} |")
 print("\n| serving, 64 adapters | workers | clients | req/s | p50 ms | p99 ms | mean batch | vs engine-only "
       "| server CPU/req | load generator |")
 print("|---|---|---|---|---|---|---|---|---|---|")
@@ -138,7 +169,7 @@ for path in sorted(out.glob("serving-*.json")):
 EOF
 
 echo
-echo "CUDA tests (fused LoRA off and on): $( ((tests_rc == 0)) && echo passed || echo "FAILED (exit $tests_rc)") (logs: $OUT/cuda-tests-triton-*.log)"
+echo "CUDA tests ($MODES): $( ((tests_rc == 0)) && echo passed || echo "FAILED (exit $tests_rc)") (logs: $OUT/cuda-tests-*.log)"
 if ((${#failed[@]})); then
     printf 'failed: %s\n' "${failed[@]}"
 fi

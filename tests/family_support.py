@@ -65,7 +65,9 @@ def load_adapter(path: Path, engine: Engine) -> AdapterWeights:
 
 
 def check_mixed_batch(model_dir: Path, adapter_dirs: list[Path], group_tokens: list[int | None]) -> None:
-    """All adapters in one batch, rows of every length interleaved: each row equals PEFT for its adapter."""
+    """All adapters in one batch, rows of every length interleaved: each row equals PEFT for its adapter,
+    in eager passes and then through the encoder's graphs (captured on CUDA; on the CPU their padded static
+    inputs run eagerly)."""
     engine = Engine(model_dir, device=DEVICE, num_slots=len(adapter_dirs), max_rank=64)
     expected = [torch.softmax(peft_logits(path, TEXTS, model_dir), -1) for path in adapter_dirs]
     for slot, path in enumerate(adapter_dirs):
@@ -73,14 +75,19 @@ def check_mixed_batch(model_dir: Path, adapter_dirs: list[Path], group_tokens: l
     rows = [(t, s) for t in range(len(TEXTS)) for s in range(len(adapter_dirs))]
     rows = rows[1::2] + rows[::2]
     ids = engine.tokenize(TEXTS)
-    for tokens in group_tokens:  # None: one padded pass; small: groups of a few rows
-        engine.group_tokens = tokens
-        logits = engine.classify([ids[t] for t, _ in rows], [s for _, s in rows])
-        for (t, s), row in zip(rows, logits, strict=True):
-            want = expected[s][t]
-            assert row.shape == want.shape, (adapter_dirs[s].name, row.shape, want.shape)
-            diff = (torch.softmax(row, -1) - want).abs().max().item()
-            assert diff <= TOLERANCE, f"{adapter_dirs[s].name} text {t}: {diff:.2e} (groups of {tokens})"
+    for graphs in (False, True):
+        if graphs:
+            engine.use_graphs(capture=engine.device.type == "cuda")
+        for tokens in group_tokens:  # None: one padded pass; small: groups of a few rows
+            engine.group_tokens = tokens
+            logits = engine.classify([ids[t] for t, _ in rows], [s for _, s in rows])
+            for (t, s), row in zip(rows, logits, strict=True):
+                want = expected[s][t]
+                assert row.shape == want.shape, (adapter_dirs[s].name, row.shape, want.shape)
+                diff = (torch.softmax(row, -1) - want).abs().max().item()
+                where = f"groups of {tokens}" + (", graphs" if graphs else "")
+                assert diff <= TOLERANCE, f"{adapter_dirs[s].name} text {t}: {diff:.2e} ({where})"
+    assert engine.model.graphs.graphs, "no pass went through the graphs"
     # The check would be empty if the adapters agreed with each other: they must not.
     assert any(
         (expected[0] - e).abs().max() > 1e-3 for e in expected[1:] if e.shape == expected[0].shape

@@ -72,8 +72,13 @@ def reference(path, task: str, item) -> torch.Tensor:
     return out.last_hidden_state[0]
 
 
-def test_every_task_in_one_forward_pass_matches_peft_alone(adapters):
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+def test_every_task_in_one_forward_pass_matches_peft_alone(adapters, graphs):
+    """Eager, and through the encoder's graphs (captured on CUDA; on the CPU their padded static inputs,
+    token types included, run eagerly)."""
     engine = Engine(device=DEVICE, num_slots=len(ADAPTERS))
+    if graphs:
+        engine.use_graphs(capture=engine.device.type == "cuda")
     slots = {}
     for slot, (name, path) in enumerate(adapters.items()):
         config = json.loads((path / "adapter_config.json").read_text())
@@ -98,6 +103,8 @@ def test_every_task_in_one_forward_pass_matches_peft_alone(adapters):
         got, want = answered(name, got), answered(name, want)
         error = ((got - want).abs() / want.abs().clamp(min=1)).max()  # relative where values exceed 1
         assert error <= TOLERANCE, (name, item, error)
+    if graphs:
+        assert engine.model.graphs.graphs, "no pass went through the graphs"
 
 
 def answered(name: str, logits: torch.Tensor) -> torch.Tensor:

@@ -92,14 +92,19 @@ def keep_freed_memory() -> bool:
     return bool(mmap and mallopt(M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD))
 
 
-def fused_lora_enabled(device: torch.device) -> bool:
-    """Whether LORAPLEX_TRITON_LORA=1 asks for the fused LoRA kernels and they run here (CUDA, Triton)."""
-    if os.environ.get("LORAPLEX_TRITON_LORA", "0") != "1":
+def cuda_switch(variable: str, what: str, device: torch.device) -> bool:
+    """Whether environment `variable` is "1" and `device` is CUDA; a warning where it is set elsewhere."""
+    if os.environ.get(variable, "0") != "1":
         return False
     if device.type != "cuda":
-        log.warning(
-            "LORAPLEX_TRITON_LORA=1: the fused LoRA kernels run on CUDA only; %s uses torch's ops", device
-        )
+        log.warning("%s=1: %s run on CUDA only; %s runs without them", variable, what, device)
+        return False
+    return True
+
+
+def fused_lora_enabled(device: torch.device) -> bool:
+    """Whether LORAPLEX_TRITON_LORA=1 asks for the fused LoRA kernels and they run here (CUDA, Triton)."""
+    if not cuda_switch("LORAPLEX_TRITON_LORA", "the fused LoRA kernels", device):
         return False
     try:
         import triton  # noqa: F401
@@ -107,6 +112,11 @@ def fused_lora_enabled(device: torch.device) -> bool:
         log.warning("LORAPLEX_TRITON_LORA=1 but Triton is not installed; using torch's ops")
         return False
     return True
+
+
+def cuda_graphs_enabled(device: torch.device) -> bool:
+    """Whether LORAPLEX_CUDA_GRAPHS=1 asks for the encoder through CUDA graphs and this is a CUDA device."""
+    return cuda_switch("LORAPLEX_CUDA_GRAPHS", "CUDA graphs", device)
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -198,9 +208,22 @@ class Engine:
         self.slot_rank = [0] * (num_slots + 1)
         # The LoRA deltas through the fused kernels (CUDA, LORAPLEX_TRITON_LORA=1 and Triton installed).
         self.fused_lora = fused_lora_enabled(self.device)
+        # The encoder replayed from CUDA graphs, one per bucketed shape (CUDA, LORAPLEX_CUDA_GRAPHS=1).
+        if cuda_graphs_enabled(self.device):
+            self.use_graphs(capture=True)
         self.slot_labels = [0] * (num_slots + 1)
         # What each slot computes; the empty slot is the base model itself: its hidden states.
         self.slot_task = [SEQ_CLS] * num_slots + [FEATURE_EXTRACTION]
+
+    def use_graphs(self, capture: bool = True) -> None:
+        """Run the encoder through `EncoderGraphs`: captured CUDA graphs, or (`capture` False, the CPU) the
+        same padded static inputs run eagerly."""
+        from loraplex.engine.graphs import EncoderGraphs
+
+        pad = self.tokenizer.pad_token_id or 0
+        self.model.graphs = EncoderGraphs(
+            self.model.encoder, pad, self.base.max_length, self.max_rank, self.empty_slot, capture
+        )
 
     def tokenize(self, texts: list[str], truncate: bool = True) -> list[list[int]]:
         """Token ids per text, [CLS] and [SEP] included; too long and not truncated: InvalidInputError."""

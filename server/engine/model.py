@@ -52,6 +52,9 @@ class MultiLoraModel(nn.Module):
         )
         self.requires_grad_(False)
         self.eval()
+        # The encoder through CUDA graphs (`loraplex.engine.graphs.EncoderGraphs`), set by the engine; None:
+        # every pass runs it eagerly.
+        self.graphs = None
         # Each slot's largest rank in each LoRA layer (on the host), kept up to date by SlotLinear.write.
         linears = [module for module in self.modules() if isinstance(module, SlotLinear)]
         self.rank_table = np.zeros((slots, len(linears)), dtype=np.int64)
@@ -94,7 +97,11 @@ class MultiLoraModel(nn.Module):
         FEATURE_EXTRACTION the hidden states `[n, T, hidden]`. A row's logits are meaningful up to its
         adapter's number of labels.
         """
-        hidden = self.encoder(input_ids, attention_mask, batch, token_type_ids)  # [B, T, hidden]
+        hidden = (
+            None if self.graphs is None else self.graphs.run(input_ids, attention_mask, batch, token_type_ids)
+        )
+        if hidden is None:
+            hidden = self.encoder(input_ids, attention_mask, batch, token_type_ids)  # [B, T, hidden]
         out = {}
         for task, (positions, rows) in (batch.tasks or {SEQ_CLS: (None, batch)}).items():
             h, mask = (hidden, attention_mask)
