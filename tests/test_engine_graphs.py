@@ -42,6 +42,8 @@ def engines(adapters, names: list[str], capture: bool = False) -> tuple[Engine, 
             engine.load_slot(slot, load_adapter(adapters[name], engine))
         if graphs:
             engine.use_graphs(capture=capture)
+        else:  # eager even where LORAPLEX_CUDA_GRAPHS=1 gave the engine graphs at start
+            engine.model.graphs = None
         pair.append(engine)
     return pair[0], pair[1]
 

@@ -20,7 +20,8 @@ A graph's inputs are static tensors that each pass copies into; the slot tensors
 the next replay reads: a hot swap never needs a new capture. The output is the graph's static tensor,
 valid until the next pass (the engine copies every row out before then). The graphs share one memory pool.
 
-A graph is captured the first time its bucket is seen, up to MAX_GRAPHS; any other shape runs eagerly.
+A graph is captured the first time its bucket is seen, up to MAX_GRAPHS; any other shape runs eagerly, and
+so does every pass after a capture that failed (logged).
 With `capture=False` (the CPU, where there are no graphs) a pass runs eagerly on the same static, padded
 inputs: what the tests use to check the padding and the static layout against the plain forward pass.
 
@@ -89,6 +90,7 @@ class EncoderGraphs:
         self.graphs: dict[tuple[int, int, int, bool], _Graph] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.full_logged = False
+        self.disabled = False  # a capture failed: every pass runs eagerly
 
     def key(self, rows: int, tokens: int, rank: int, types: bool) -> tuple[int, int, int, bool] | None:
         """The bucket of a pass, or None where it has none (too many rows or tokens)."""
@@ -111,7 +113,7 @@ class EncoderGraphs:
         pass has no bucket or its bucket cannot be captured: the caller runs the encoder itself."""
         rows, tokens = input_ids.shape
         key = self.key(rows, tokens, batch.rank, token_type_ids is not None)
-        if key is None:
+        if key is None or self.disabled:
             return None
         graph = self.graphs.get(key)
         if graph is None:
@@ -125,7 +127,13 @@ class EncoderGraphs:
         if graph.graph is None:
             if not self.capture:
                 return self._forward(graph)[:rows, :tokens]
-            self._capture(graph)
+            try:
+                self._capture(graph)
+            except RuntimeError as exc:  # an op that cannot be captured: serve eagerly from now on
+                log.warning("CUDA graph capture failed (%s); passes run without graphs", exc)
+                self.graphs.clear()
+                self.disabled = True
+                return None
         graph.graph.replay()
         return graph.out[:rows, :tokens]
 
