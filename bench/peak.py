@@ -13,7 +13,7 @@ token), attention (4 x rows x length^2 x hidden per layer) and, at K > 0, each L
 expand at rank 8. A figure is those FLOPs over the pass's median time, given as a fraction of:
 
 - the measured peak: the median of a large square matmul in the same dtype on the same device, timed in
-  the same run (what this device and this torch build reach on the easiest matmul there is);
+  the same rounds as the passes (what this device and this torch build reach on the easiest matmul);
 - the listed peak (dense, no sparsity) where the device is one of LISTED_PEAKS; "-" elsewhere.
 """
 
@@ -53,13 +53,12 @@ def listed_peak(device: torch.device, dtype: str) -> float | None:
     return None
 
 
-def measured_peak(device: torch.device, dtype: torch.dtype, reps: int) -> float:
-    """FLOP/s of one large square matmul in `dtype` on `device` (median of `reps`)."""
+def square_matmul(device: torch.device, dtype: torch.dtype):
+    """A large square matmul in `dtype` on `device`, and its FLOPs: what the device reaches at its easiest."""
     n = 8192 if device.type == "cuda" else 2048
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    seconds = interleaved_medians({"mm": lambda: synced(device, lambda: a @ b)}, reps)["mm"]
-    return 2 * n**3 / seconds
+    return (lambda: synced(device, lambda: a @ b)), 2 * n**3
 
 
 def synced(device: torch.device, fn):
@@ -140,9 +139,11 @@ def main(argv: list[str] | None = None) -> int:
         fns[f"engine K={distinct}"] = lambda slots=slots: engine.classify(
             ids, slots
         )  # answers reach the host
+    matmul, matmul_flops = square_matmul(device, DTYPES[dtype])
+    fns["square matmul"] = matmul  # timed in the same rounds: the machine's drift falls on both alike
     with torch.inference_mode():
-        peak = measured_peak(device, DTYPES[dtype], args.reps)
         seconds = interleaved_medians(fns, args.reps)
+    peak = matmul_flops / seconds.pop("square matmul")
     listed = listed_peak(device, dtype)
     name = (
         torch.cuda.get_device_name(device)
