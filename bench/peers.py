@@ -1,11 +1,13 @@
 """loraplex against the PEFT servers a user would write, measured back to back in one run.
 
-    python bench/peers.py --json bench/out/peers.json          # 64 rank-8 adapters, 64 clients, 20 s each
-    python bench/peers.py --adapters 8 --clients 8 --seconds 5 --warmup 2    # quick check
+    python bench/peers.py --json bench/out/peers.json          # 64 rank-8 adapters, 64 clients, 3 x 20 s each
+    python bench/peers.py --adapters 8 --clients 8 --seconds 5 --warmup 2 --rounds 1    # quick check
 
 The same K adapters (rank-8 LoRA on every linear layer, a head each), the same tweets and the same
 closed-loop clients (bench/serving.py: one tweet per request, a random adapter, the next request as soon as
-the answer comes) against, one after another on the same machine:
+the answer comes) against, on the same machine, all started at once and measured one at a time in
+`--rounds` rounds (so that the machine's drift falls on every server alike; each ratio is the median of
+the rounds' own):
 
 - loraplex (`loraplex serve`, `--dtype` as given);
 - a FastAPI server micro-batching into PEFT's mixed-adapter mode (5 ms window, <= 64 rows);
@@ -15,7 +17,7 @@ The peers are bench/peer_server.py. Per server: requests/s, p50 and p99 latency,
 process tree used per request, and the CPU the load generator itself used (in cores, since it shares the
 machine), both over the measuring window. `--workers N` is passed to `loraplex serve` only when given.
 
-Then, in the same run and on the same tweets, loraplex's engine alone in 64-row batches (no HTTP, no
+In each round, in the same run and on the same tweets, loraplex's engine alone in 64-row batches (no HTTP, no
 queue; bench/serving.py's engine-only): with the K adapters, and with no adapter at all. The second is
 the most any loraplex server could answer here in that precision, so its ratio to a peer is the ceiling of
 loraplex's: `--engine-reps 0` leaves these out.
@@ -30,6 +32,7 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)  # `bench` and `tests`
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import statistics  # noqa: E402
@@ -43,11 +46,10 @@ from tests.live_server import LiveServer  # noqa: E402
 def measure(
     server: LiveServer, clients: int, names: list[str], texts: list[str], warmup: float, seconds: float
 ):
-    with server:
-        window = CpuWindow(server.proc.pid)
-        latencies, failures = asyncio.run(
-            closed_loop(server.port, clients, names, texts, warmup, seconds, window=window)
-        )
+    window = CpuWindow(server.proc.pid)
+    latencies, failures = asyncio.run(
+        closed_loop(server.port, clients, names, texts, warmup, seconds, window=window)
+    )
     if len(latencies) < 2:
         raise SystemExit(f"{len(latencies)} requests finished in the window; give more --seconds")
     return {
@@ -58,6 +60,22 @@ def measure(
         "server_cpu_us_per_request": 1e6 * window.server_cpu_s / len(latencies),
         "load_generator_cores": window.load_generator_cores,
     }
+
+
+class Ratio(float):
+    """The median of per-round ratios, printed with the rounds' own."""
+
+    rounds: list[float]
+
+    def __str__(self) -> str:
+        return f"{float(self):.2f}x (rounds: {', '.join(f'{x:.2f}' for x in self.rounds)})"
+
+
+def ratios(rounds: list[dict], ours: str, theirs: str) -> Ratio:
+    each = [r[ours]["requests_per_s"] / r[theirs]["requests_per_s"] for r in rounds]
+    ratio = Ratio(statistics.median(each))
+    ratio.rounds = each
+    return ratio
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--workers", type=int, default=None, help="loraplex's --workers (default: not passed)"
     )
+    parser.add_argument("--rounds", type=int, default=3, help="rounds, each measuring every server once")
     parser.add_argument(
         "--engine-reps", type=int, default=5, help="batches timed for each engine-alone figure; 0: none"
     )
@@ -109,38 +128,54 @@ def main(argv: list[str] | None = None) -> int:
         f"loraplex dtype={args.dtype} peers dtype={args.peer_dtype} cores={os.cpu_count()}",
         flush=True,
     )
-    results = {}
-    for name, server in servers.items():
-        results[name] = r = measure(server, args.clients, names, texts, args.warmup, args.seconds)
-        print(
-            f"  {name:<20} {r['requests_per_s']:7.1f} req/s  p50 {r['p50_ms']:7.1f} ms  "
-            f"p99 {r['p99_ms']:7.1f} ms  failures {r['failures']}  "
-            f"server {r['server_cpu_us_per_request']:.0f} us CPU/req  "
-            f"load generator {r['load_generator_cores']:.2f} cores",
-            flush=True,
-        )
-    ours = results["loraplex"]["requests_per_s"]
-    for name in ("peft micro-batching", "peft serial"):
-        print(f"  loraplex / {name}: {ours / results[name]['requests_per_s']:.2f}x")
-    if args.engine_reps:
-        alone = {
-            f"engine alone, {args.adapters} adapters": engine_only(
-                folders, texts, 64, args.rank, args.engine_reps, None, args.dtype
-            ),
-            "engine alone, no adapter": engine_only(
-                [], texts, 64, args.rank, args.engine_reps, None, args.dtype
-            ),
-        }
-        peer = results["peft micro-batching"]["requests_per_s"]
-        for name, rows_per_s in alone.items():
-            print(f"  {name:<30} {rows_per_s:7.1f} rows/s  / peft micro-batching: {rows_per_s / peer:.2f}x")
-        results["engine_alone_rows_per_s"] = alone
+    rounds: list[dict] = []
+    with contextlib.ExitStack() as stack:
+        for server in servers.values():  # all up at once; one is measured at a time, the others idle
+            stack.enter_context(server)
+        for number in range(1, args.rounds + 1):
+            print(f"round {number}", flush=True)
+            results: dict = {}
+            for name, server in servers.items():
+                results[name] = r = measure(server, args.clients, names, texts, args.warmup, args.seconds)
+                print(
+                    f"  {name:<30} {r['requests_per_s']:7.1f} req/s  p50 {r['p50_ms']:7.1f} ms  "
+                    f"p99 {r['p99_ms']:7.1f} ms  failures {r['failures']}  "
+                    f"server {r['server_cpu_us_per_request']:.0f} us CPU/req  "
+                    f"load generator {r['load_generator_cores']:.2f} cores",
+                    flush=True,
+                )
+            if args.engine_reps:
+                for name, folders_of in (
+                    (f"engine alone, {args.adapters} adapters", folders),
+                    ("no adapter", []),
+                ):
+                    name = name if folders_of else "engine alone, no adapter"
+                    rows_per_s = engine_only(
+                        folders_of, texts, 64, args.rank, args.engine_reps, None, args.dtype
+                    )
+                    results[name] = {"requests_per_s": rows_per_s}
+                    print(f"  {name:<30} {rows_per_s:7.1f} rows/s", flush=True)
+            rounds.append(results)
+    # Each round's ratios (its servers measured minutes apart at most), then their median over the rounds.
+    peer = "peft micro-batching"
+    summary = {}
+    print(f"medians of {args.rounds} rounds:")
+    for name in rounds[0]:
+        summary[name] = {"requests_per_s": statistics.median(r[name]["requests_per_s"] for r in rounds)}
+        line = f"  {name:<30} {summary[name]['requests_per_s']:7.1f}/s"
+        if name != peer:
+            summary[name]["over_micro_batching"] = ratio = ratios(rounds, name, peer)
+            line += f"  / {peer}: {ratio}"
+        print(line)
+    summary["loraplex"]["over_serial"] = ratio = ratios(rounds, "loraplex", "peft serial")
+    print(f"  loraplex / peft serial: {ratio}")
+    results = {"rounds": rounds, "medians": summary}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(
             json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, **results}, indent=2)
         )
-    return 1 if any(r.get("failures") for r in results.values()) else 0
+    return 1 if any(r.get("failures") for round_ in rounds for r in round_.values()) else 0
 
 
 if __name__ == "__main__":
