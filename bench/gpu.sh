@@ -9,6 +9,7 @@
 #
 #     bench/gpu.sh                    # REPS=5; tests, then the engine benchmarks
 #     SERVING=1 bench/gpu.sh          # the serving benchmark too; WORKERS=4: loraplex serve --workers 4
+#     SERVING=1 SERVING_MODE=graphs bench/gpu.sh   # ... with the server's engine in one of the modes
 #     DTYPES="float16 bfloat16" bench/gpu.sh   # the engine benchmarks in float16 too
 #     MODES="eager graphs" bench/gpu.sh        # leave the fused kernels out
 #
@@ -31,6 +32,7 @@ SECONDS_PER_LEVEL=${SECONDS_PER_LEVEL:-10}
 CLIENTS=${CLIENTS:-256,64}
 WORKERS=${WORKERS:-}
 SERVING=${SERVING:-0}
+SERVING_MODE=${SERVING_MODE:-eager}
 MODES=${MODES:-"eager fused graphs"}
 LIMIT_S=${LIMIT_S:-450}
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
@@ -88,7 +90,7 @@ mode_env() {
         *) echo "unknown mode $1 (eager, fused, graphs)" >&2; exit 1 ;;
     esac
 }
-for mode in $MODES; do mode_env "$mode" >/dev/null; done  # an unknown mode stops the run here
+for mode in $MODES $SERVING_MODE; do mode_env "$mode" >/dev/null; done  # an unknown mode stops the run here
 tests_rc=0
 for mode in $MODES; do
     # shellcheck disable=SC2046
@@ -102,7 +104,9 @@ for workers in ${WORKERS:-default}; do
     ((SERVING)) || break
     workers_arg=()
     [[ $workers != default ]] && workers_arg=(--workers "$workers")
-    step "serving-bfloat16-workers-$workers" 180 python bench/serving.py --device cuda --dtype bfloat16 \
+    # shellcheck disable=SC2046
+    step "serving-bfloat16-workers-$workers" 180 env $(mode_env "$SERVING_MODE") python bench/serving.py \
+        --device cuda --dtype bfloat16 \
         --clients "$CLIENTS" --seconds "$SECONDS_PER_LEVEL" --warmup 4 --engine-reps "$REPS" \
         ${workers_arg[@]+"${workers_arg[@]}"} --json "$OUT/serving-bfloat16-workers-$workers.json"
 done

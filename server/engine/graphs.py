@@ -1,6 +1,6 @@
 """The encoder replayed from CUDA graphs, one per bucketed shape: fewer, bigger launches on a GPU.
 
-    graphs = EncoderGraphs(model.encoder, pad_id, max_length, r_max, capture=True)
+    graphs = EncoderGraphs(model.encoder, pad_id, max_length, r_max, empty_slot, capture=True)
     model.graphs = graphs                      # MultiLoraModel.forward runs its encoder through them
     hidden = graphs.run(input_ids, attention_mask, batch, token_type_ids)   # None: run it eagerly
 
@@ -11,14 +11,16 @@ a pass is padded up to a bucket and its LoRA described in a form that does not d
 
 - rows up to the next of ROW_BUCKETS, tokens up to the next of TOKEN_BUCKETS (never past the model's
   length); padded rows run on the empty slot with one real token, padded tokens are masked out;
-- every LoRA layer at the batch's largest rank rounded up to a power of two (RANK_BUCKETS; zero padding of
-  a rank is exact), each row's A and B gathered from the slot tensors by the row's slot (`idx`), and the
+- every LoRA layer at the batch's largest rank rounded up to a power of two (`rank_bucket`; zero padding
+  of a rank is exact), each row's A and B gathered from the slot tensors by the row's slot (`idx`), and the
   per-row layout for DeBERTa's shared position projections (`distinct_idx` = `idx`).
 
 A graph's inputs are static tensors that each pass copies into; the slot tensors are the model's own, and
 `SlotLinear.write` writes them in place, so an adapter loaded, replaced or cleared after a capture is what
 the next replay reads: a hot swap never needs a new capture. The output is the graph's static tensor,
-valid until the next pass (the engine copies every row out before then). The graphs share one memory pool.
+valid until the next pass (the engine copies every row out before then). The graphs share one memory pool:
+a later capture may place its output where an earlier graph keeps its scratch, which is safe because one
+thread replays them one at a time and each output is read before the next replay.
 
 A graph is captured the first time its bucket is seen, up to MAX_GRAPHS; any other shape runs eagerly, and
 so does every pass after a capture that failed (logged).
