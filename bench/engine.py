@@ -52,6 +52,18 @@ def peft_model_with_adapters(path: str, k: int, num_labels: int = 3, targets: li
     return model.eval()
 
 
+def load_peft_adapters(engine, peft, k: int, max_rank: int = 8) -> None:
+    """PEFT's adapters a0..a{k-1} into the engine's slots 0..k-1."""
+    from peft import get_peft_model_state_dict
+
+    from loraplex.adapters.peft import parse_adapter
+
+    for i in range(k):
+        state = get_peft_model_state_dict(peft, adapter_name=f"a{i}")
+        config = peft.peft_config[f"a{i}"].to_dict()
+        engine.load_slot(i, parse_adapter(config, state, engine.base, max_rank=max_rank))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -73,11 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
 
-    from peft import get_peft_model_state_dict
     from peft.tuners.lora.model import _adapter_names_pre_forward_hook
     from transformers import AutoModelForSequenceClassification
 
-    from loraplex.adapters.peft import parse_adapter
     from loraplex.engine.core import Engine, length_groups
 
     path = model_dir(args.model)
@@ -102,11 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 
     targets = args.targets.split(",") if args.targets else None
     peft = peft_model_with_adapters(path, max(ks), targets=targets)
-    for i in range(max(ks)):
-        state = get_peft_model_state_dict(peft, adapter_name=f"a{i}")
-        engine.load_slot(
-            i, parse_adapter(peft.peft_config[f"a{i}"].to_dict(), state, engine.base, max_rank=8)
-        )
+    load_peft_adapters(engine, peft, max(ks))
 
     bare = AutoModelForSequenceClassification.from_pretrained(path, num_labels=3).eval()
     bare.to(device, peer_dtype)

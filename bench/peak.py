@@ -108,11 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
 
-    from peft import get_peft_model_state_dict
     from transformers import AutoModel
 
-    from bench.engine import peft_model_with_adapters
-    from loraplex.adapters.peft import parse_adapter
+    from bench.engine import load_peft_adapters, peft_model_with_adapters
     from loraplex.engine.core import DTYPES, Engine, resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
@@ -123,12 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine(path, device=str(device), dtype=dtype, num_slots=max(1, *ks), max_rank=RANK)
     ids = rows_of_length(engine.tokenizer, rows, args.length)
     if max(ks) > 0:
-        peft = peft_model_with_adapters(path, max(ks))
-        for i in range(max(ks)):
-            state = get_peft_model_state_dict(peft, adapter_name=f"a{i}")
-            config = peft.peft_config[f"a{i}"].to_dict()
-            engine.load_slot(i, parse_adapter(config, state, engine.base, max_rank=RANK))
-        del peft
+        load_peft_adapters(engine, peft_model_with_adapters(path, max(ks)), max(ks), RANK)
     bare = AutoModel.from_pretrained(path).eval().to(device, DTYPES[dtype])
     input_ids = torch.tensor(ids, device=device)
 

@@ -62,20 +62,13 @@ def measure(
     }
 
 
-class Ratio(float):
-    """The median of per-round ratios, printed with the rounds' own."""
-
-    rounds: list[float]
-
-    def __str__(self) -> str:
-        return f"{float(self):.2f}x (rounds: {', '.join(f'{x:.2f}' for x in self.rounds)})"
+def ratios(rounds: list[dict], ours: str, theirs: str) -> list[float]:
+    """Each round's ratio of `ours` to `theirs`."""
+    return [r[ours]["requests_per_s"] / r[theirs]["requests_per_s"] for r in rounds]
 
 
-def ratios(rounds: list[dict], ours: str, theirs: str) -> Ratio:
-    each = [r[ours]["requests_per_s"] / r[theirs]["requests_per_s"] for r in rounds]
-    ratio = Ratio(statistics.median(each))
-    ratio.rounds = each
-    return ratio
+def show(each: list[float]) -> str:
+    return f"{statistics.median(each):.2f}x (rounds: {', '.join(f'{x:.2f}' for x in each)})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,11 +138,11 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
             if args.engine_reps:
-                for name, folders_of in (
-                    (f"engine alone, {args.adapters} adapters", folders),
-                    ("no adapter", []),
-                ):
-                    name = name if folders_of else "engine alone, no adapter"
+                alone = {
+                    f"engine alone, {args.adapters} adapters": folders,
+                    "engine alone, no adapter": [],
+                }
+                for name, folders_of in alone.items():
                     rows_per_s = engine_only(
                         folders_of, texts, 64, args.rank, args.engine_reps, None, args.dtype
                     )
@@ -164,11 +157,13 @@ def main(argv: list[str] | None = None) -> int:
         summary[name] = {"requests_per_s": statistics.median(r[name]["requests_per_s"] for r in rounds)}
         line = f"  {name:<30} {summary[name]['requests_per_s']:7.1f}/s"
         if name != peer:
-            summary[name]["over_micro_batching"] = ratio = ratios(rounds, name, peer)
-            line += f"  / {peer}: {ratio}"
+            each = ratios(rounds, name, peer)
+            summary[name]["over_micro_batching"] = statistics.median(each)
+            line += f"  / {peer}: {show(each)}"
         print(line)
-    summary["loraplex"]["over_serial"] = ratio = ratios(rounds, "loraplex", "peft serial")
-    print(f"  loraplex / peft serial: {ratio}")
+    each = ratios(rounds, "loraplex", "peft serial")
+    summary["loraplex"]["over_serial"] = statistics.median(each)
+    print(f"  loraplex / peft serial: {show(each)}")
     results = {"rounds": rounds, "medians": summary}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
